@@ -1,0 +1,146 @@
+"""Argument validation shared by every public entry point.
+
+All checks run at trace time on static information (shapes, dtypes, Python
+options), so a mistake surfaces as a ``TypeError``/``ValueError`` naming the
+fix rather than as a NaN or an XLA error.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+RUNNING_VAR_CHOICES = ('biased', 'unbiased')
+
+
+def feature_shape_arg(num_features) -> tuple[int, ...]:
+  shape = (num_features,) if isinstance(num_features, numbers.Integral) else num_features
+  try:
+    shape = tuple(int(n) for n in shape)
+  except TypeError:
+    raise TypeError(
+        'num_features must be an int or a tuple of ints, got '
+        f'{num_features!r}.') from None
+  if not shape or any(n < 1 for n in shape):
+    raise ValueError(
+        f'num_features must be >= 1, got {num_features!r}; pass the size of '
+        'the feature axis, e.g. x.shape[-1].')
+  return shape
+
+
+def float_array(x, name: str = 'x') -> jax.Array:
+  """Returns ``x`` as an array, refusing non-floating dtypes."""
+  if not hasattr(x, 'dtype'):
+    x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    raise TypeError(
+        f'{name} must be a floating-point (or complex) array, got dtype '
+        f'{x.dtype}; convert it first, e.g. {name}.astype(jnp.float32).')
+  return x
+
+
+def canonical_axes(axis, ndim: int, what: str = 'axis') -> tuple[int, ...]:
+  """Normalizes an int or a sequence of ints to sorted non-negative axes."""
+  axes = (axis,) if isinstance(axis, numbers.Integral) else axis
+  if not isinstance(axes, Sequence) or not all(
+      isinstance(a, numbers.Integral) for a in axes):
+    raise TypeError(f'{what} must be an int or a tuple of ints, got {axis!r}.')
+  out = []
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(
+          f'{what}={axis!r} is out of range for an input with {ndim} '
+          f'dimensions; use a value in [{-ndim}, {ndim - 1}].')
+    out.append(int(a) % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(f'{what}={axis!r} names the same axis twice.')
+  return tuple(sorted(out))
+
+
+def training_flag(training) -> bool:
+  if not isinstance(training, (bool, np.bool_)):
+    raise TypeError(
+        'training must be a Python bool (it selects the code path at trace '
+        f'time), got {type(training).__name__}; for a traced flag use '
+        'jax.lax.cond over two calls.')
+  return bool(training)
+
+
+def momentum(value) -> None:
+  if value is None or isinstance(value, jax.core.Tracer):
+    return
+  if not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+    raise ValueError(
+        f'momentum must be in [0, 1] (new = momentum * old + (1 - momentum) '
+        f'* batch) or None for a cumulative average, got {value!r}. '
+        "PyTorch's momentum=0.1 is momentum=0.9 here.")
+
+
+def epsilon(value) -> None:
+  if isinstance(value, jax.core.Tracer):
+    return
+  if not isinstance(value, numbers.Real) or not float(value) >= 0.0:
+    raise ValueError(f'epsilon must be a number >= 0, got {value!r}.')
+
+
+def running_var(value) -> None:
+  if value not in RUNNING_VAR_CHOICES:
+    raise ValueError(
+        f'running_var must be one of {RUNNING_VAR_CHOICES}, got {value!r}; '
+        '"unbiased" stores the n/(n-1)-corrected variance like PyTorch.')
+
+
+def state_matches(state, feature_shape: tuple[int, ...]) -> None:
+  for field in ('mean', 'var', 'count'):
+    if not hasattr(state, field):
+      raise TypeError(
+          'state must be a jaxbn.BatchNormState (from jaxbn.init_state), got '
+          f'{type(state).__name__}.')
+  for field in ('mean', 'var'):
+    shape = tuple(jnp.shape(getattr(state, field)))
+    if shape != feature_shape:
+      raise ValueError(
+          f'state.{field} has shape {shape} but the input has feature shape '
+          f'{feature_shape}; create the state with '
+          f'jaxbn.init_state({_shape_literal(feature_shape)}) or fix `axis`.')
+
+
+def param_matches(value, name: str, feature_shape: tuple[int, ...]) -> None:
+  if value is None:
+    return
+  shape = tuple(jnp.shape(value))
+  if shape != feature_shape and math.prod(shape) != math.prod(feature_shape):
+    raise ValueError(
+        f'{name} has shape {shape} but the input has feature shape '
+        f'{feature_shape}; pass one value per feature.')
+
+
+def mask_for(mask, x_shape: tuple[int, ...]) -> jax.Array:
+  mask = jnp.asarray(mask)
+  if mask.dtype != jnp.bool_:
+    raise TypeError(
+        f'mask must be a boolean array, got dtype {mask.dtype}; use '
+        'mask.astype(bool) or a comparison such as `lengths > t`.')
+  try:
+    return jnp.broadcast_to(mask, x_shape)
+  except ValueError:
+    raise ValueError(
+        f'mask of shape {mask.shape} does not broadcast to the input shape '
+        f'{x_shape}; give it the input shape or size-1 axes where it is '
+        'constant.') from None
+
+
+def axis_groups(axis_name, axis_index_groups) -> None:
+  if axis_index_groups is not None and axis_name is None:
+    raise ValueError(
+        'axis_index_groups needs axis_name: name the mapped axis the groups '
+        'index into.')
+
+
+def _shape_literal(shape: tuple[int, ...]) -> str:
+  return str(shape[0]) if len(shape) == 1 else str(shape)

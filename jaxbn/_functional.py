@@ -1,0 +1,280 @@
+"""Functional batch norm: ``batch_norm`` and the pieces it is made of."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbn import _checks
+from jaxbn._moments import Moments, reduce_moments, stats_dtype
+from jaxbn._state import BatchNormState
+
+
+def moments(x, axis=-1, *, mask=None, axis_name=None, axis_index_groups=None) -> Moments:
+  """Per-feature batch statistics of ``x``: mean, biased variance and count.
+
+  Everything but ``axis`` is reduced. Accumulates in float32 or wider with a
+  numerically stable algorithm (see ``jaxbn._moments``), skips masked-out
+  entries (they may hold NaN), and with ``axis_name`` pools the statistics of
+  all devices exactly, weighted by their counts.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxbn
+    >>> m = jaxbn.moments(jnp.array([[1.0, 10.0], [3.0, 30.0]]))
+    >>> m.mean, m.var
+    (Array([ 2., 20.], dtype=float32), Array([  1., 100.], dtype=float32))
+  """
+  x = _checks.float_array(x)
+  feature_axes = _checks.canonical_axes(axis, x.ndim)
+  _checks.axis_groups(axis_name, axis_index_groups)
+  if mask is not None:
+    mask = _checks.mask_for(mask, x.shape)
+  return reduce_moments(
+      x, _complement(feature_axes, x.ndim), mask=mask,
+      axis_name=axis_name, axis_index_groups=axis_index_groups)
+
+
+def normalize(x, mean, var, scale=None, bias=None, *, axis=-1, epsilon=1e-5, dtype=None):
+  """``(x - mean) * scale / sqrt(var + epsilon) + bias`` along feature ``axis``.
+
+  ``mean``, ``var``, ``scale`` and ``bias`` have one entry per feature. The
+  arithmetic runs in the promoted dtype of ``x`` and the statistics (float32
+  for bfloat16 inputs); the result has ``dtype`` (default: ``x.dtype``).
+  ``x - mean`` is formed before scaling so a large mean does not cancel.
+  """
+  x = _checks.float_array(x)
+  feature_axes = _checks.canonical_axes(axis, x.ndim)
+  _checks.epsilon(epsilon)
+  shape = _broadcast_shape(x.shape, feature_axes)
+  y = x - jnp.reshape(mean, shape)
+  mul = lax.rsqrt(var + epsilon)
+  if scale is not None:
+    mul = mul * jnp.reshape(scale, mul.shape)
+  y = y * jnp.reshape(mul, shape)
+  if bias is not None:
+    y = y + jnp.reshape(bias, shape)
+  return y.astype(dtype or x.dtype)
+
+
+def update_state(state: BatchNormState, batch: Moments, *, momentum=0.99,
+                 running_var='biased') -> BatchNormState:
+  """Folds one batch's moments into the running statistics.
+
+  ``momentum`` follows Flax/Keras: ``new = momentum * old + (1 - momentum) *
+  batch``; PyTorch's ``momentum=0.1`` is ``momentum=0.9`` here. ``None`` is a
+  cumulative average over all updates (PyTorch's ``momentum=None``).
+  ``running_var='unbiased'`` stores ``var * n / (n - 1)`` as PyTorch does.
+  A feature whose batch had no valid entry keeps its running values.
+  """
+  _checks.momentum(momentum)
+  _checks.running_var(running_var)
+  var = _running_variance(batch, running_var)
+  if momentum is None:
+    keep = 1.0 - 1.0 / (state.count + 1).astype(state.var.dtype)
+  else:
+    keep = momentum
+  has_data = batch.count > 0
+  mean = jnp.where(has_data, _ema(state.mean, batch.mean, keep), state.mean)
+  var = jnp.where(has_data, _ema(state.var, var, keep), state.var)
+  return BatchNormState(
+      mean=mean.astype(jnp.result_type(state.mean, batch.mean)),
+      var=var.astype(state.var.dtype),
+      count=state.count + 1,
+  )
+
+
+def batch_norm(
+    x,
+    state: BatchNormState,
+    scale=None,
+    bias=None,
+    *,
+    training: bool,
+    axis=-1,
+    momentum=0.99,
+    epsilon=1e-5,
+    axis_name=None,
+    axis_index_groups=None,
+    mask=None,
+    running_var='biased',
+    virtual_batch_size: int | None = None,
+    dtype=None,
+) -> tuple[jax.Array, BatchNormState]:
+  """Batch normalization with explicit state: returns ``(y, new_state)``.
+
+  In training, ``x`` is normalized with its own batch statistics (mean and
+  biased variance over every axis but ``axis``) and the running statistics in
+  ``state`` are updated; in inference (``training=False``) the running
+  statistics normalize ``x`` and ``state`` is returned unchanged.
+
+  Args:
+    x: input, any float (or complex) dtype; statistics accumulate in float32
+      or wider and ``y`` has ``x``'s dtype unless ``dtype`` says otherwise.
+    state: running statistics from :func:`jaxbn.init_state`.
+    scale, bias: optional per-feature affine parameters (gamma, beta).
+    training: required; ``True`` uses batch statistics and updates ``state``.
+    axis: feature axis or axes (``-1`` for NHWC, ``1`` for NCHW).
+    momentum: ``new = momentum * old + (1 - momentum) * batch``; PyTorch's
+      ``momentum=0.1`` is ``0.9`` here. ``None``: cumulative average.
+    epsilon: added to the variance before the square root.
+    axis_name: name of a mapped axis (``shard_map``, ``pmap``,
+      ``vmap(axis_name=...)``) whose devices share statistics, pooled
+      exactly and count-weighted. Not needed under ``jax.jit`` with a sharded
+      batch: there the statistics are global already.
+    axis_index_groups: sub-groups of ``axis_name`` that sync separately.
+    mask: boolean, broadcastable to ``x``; ``False`` entries take no part in
+      the statistics and may hold NaN or Inf. They are still normalized in
+      ``y`` (like Flax), so keep them out of your loss.
+    running_var: ``'biased'`` (Flax) or ``'unbiased'`` (PyTorch) running
+      variance estimate.
+    virtual_batch_size: ghost batch norm: normalize each consecutive chunk of
+      this many examples (axis 0) with its own statistics; the running
+      statistics take the average of the chunk statistics.
+    dtype: dtype of ``y`` (default ``x.dtype``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> x = jax.random.normal(jax.random.key(0), (32, 8)) * 3.0 + 1.0
+    >>> state = jaxbn.init_state(8)
+    >>> y, state = jaxbn.batch_norm(x, state, training=True)
+    >>> bool(jnp.allclose(y.mean(0), 0.0, atol=1e-5))
+    True
+    >>> y_eval, _ = jaxbn.batch_norm(x, state, training=False)
+  """
+  x = _checks.float_array(x)
+  training = _checks.training_flag(training)
+  feature_axes = _checks.canonical_axes(axis, x.ndim)
+  feature_shape = tuple(x.shape[a] for a in feature_axes)
+  _checks.state_matches(state, feature_shape)
+  _checks.param_matches(scale, 'scale', feature_shape)
+  _checks.param_matches(bias, 'bias', feature_shape)
+  _checks.momentum(momentum)
+  _checks.epsilon(epsilon)
+  _checks.running_var(running_var)
+  _checks.axis_groups(axis_name, axis_index_groups)
+  if mask is not None:
+    mask = _checks.mask_for(mask, x.shape)
+
+  if not training:
+    y = _normalize_masked(x, mask, state.mean, state.var, scale, bias,
+                          axis=feature_axes, epsilon=epsilon, dtype=dtype)
+    return y, state
+
+  if virtual_batch_size is not None:
+    return _ghost_batch_norm(
+        x, state, scale, bias, feature_axes=feature_axes,
+        virtual_batch_size=virtual_batch_size, momentum=momentum,
+        epsilon=epsilon, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, mask=mask,
+        running_var=running_var, dtype=dtype)
+
+  reduction_axes = _complement(feature_axes, x.ndim)
+  if mask is None and axis_name is None:
+    _checks_more_than_one_value(x.shape, reduction_axes)
+  batch = reduce_moments(x, reduction_axes, mask=mask, axis_name=axis_name,
+                         axis_index_groups=axis_index_groups)
+  y = _normalize_masked(x, mask, batch.mean, batch.var, scale, bias,
+                        axis=feature_axes, epsilon=epsilon, dtype=dtype)
+  new_state = update_state(state, batch, momentum=momentum, running_var=running_var)
+  return y, new_state
+
+
+def _normalize_masked(x, mask, mean, var, scale, bias, **kwargs):
+  """``normalize`` where masked-out entries cannot reach any gradient.
+
+  Their outputs are still the normalized inputs (as in Flax), but computed
+  behind ``stop_gradient``; the differentiable branch sees a zero instead, so
+  a NaN there never meets a zero cotangent (``0 * NaN`` is NaN).
+  """
+  if mask is None:
+    return normalize(x, mean, var, scale, bias, **kwargs)
+  live = normalize(jnp.where(mask, x, 0), mean, var, scale, bias, **kwargs)
+  dead = lax.stop_gradient(normalize(x, mean, var, scale, bias, **kwargs))
+  return jnp.where(mask, live, dead)
+
+
+def _ghost_batch_norm(x, state, scale, bias, *, feature_axes, virtual_batch_size,
+                      momentum, epsilon, axis_name, axis_index_groups, mask,
+                      running_var, dtype):
+  """Ghost batch norm: statistics per chunk of ``virtual_batch_size`` examples."""
+  v = virtual_batch_size
+  if not isinstance(v, int) or isinstance(v, bool) or v < 2:
+    raise ValueError(
+        f'virtual_batch_size must be an int >= 2, got {v!r}; a chunk of one '
+        'example has no batch statistics.')
+  if 0 in feature_axes:
+    raise ValueError(
+        'virtual_batch_size splits axis 0 into chunks, but axis 0 is a '
+        'feature axis here; put the batch first.')
+  batch_size = x.shape[0]
+  if batch_size % v:
+    raise ValueError(
+        f'the batch size {batch_size} is not divisible by virtual_batch_size='
+        f'{v}; pick a divisor of the batch size or drop the last partial batch.')
+  chunks = batch_size // v
+  xs = x.reshape((chunks, v) + x.shape[1:])
+  chunk_mask = None if mask is None else mask.reshape(xs.shape)
+  chunk_features = tuple(a + 1 for a in feature_axes)
+  reduction_axes = _complement((0,) + chunk_features, xs.ndim)
+  if mask is None:
+    _checks_more_than_one_value(xs.shape, reduction_axes)
+  # Ghost batches are local by definition: no sync of the chunk statistics.
+  per_chunk = reduce_moments(xs, reduction_axes, mask=chunk_mask)
+  y = _normalize_masked(xs, chunk_mask, per_chunk.mean, per_chunk.var,
+                        _chunked(scale, chunks), _chunked(bias, chunks),
+                        axis=(0,) + chunk_features, epsilon=epsilon, dtype=dtype)
+  estimate = _average_chunks(per_chunk, running_var, axis_name, axis_index_groups)
+  new_state = update_state(state, estimate, momentum=momentum, running_var='biased')
+  return y.reshape(x.shape), new_state
+
+
+def _average_chunks(per_chunk: Moments, running_var, axis_name, axis_index_groups) -> Moments:
+  """Average of the chunks' statistics (Keras' rule for ghost batches)."""
+  has_data = per_chunk.count > 0
+  weight = has_data.astype(per_chunk.var.dtype)
+  sums = (jnp.sum(weight, 0), jnp.sum(per_chunk.mean * weight, 0),
+          jnp.sum(_running_variance(per_chunk, running_var) * weight, 0))
+  if axis_name is not None:
+    sums = lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
+  n, mean_sum, var_sum = sums
+  safe = jnp.maximum(n, 1.0)
+  return Moments(mean=mean_sum / safe, var=var_sum / safe, count=n)
+
+
+def _running_variance(batch: Moments, running_var):
+  if running_var == 'unbiased':
+    n = batch.count
+    return jnp.where(n > 1, batch.var * n / jnp.maximum(n - 1.0, 1.0), batch.var)
+  return batch.var
+
+
+def _ema(old, new, keep):
+  return keep * old + (1.0 - keep) * new
+
+
+def _chunked(param, chunks):
+  return None if param is None else jnp.broadcast_to(param, (chunks,) + jnp.shape(param))
+
+
+def _checks_more_than_one_value(shape, reduction_axes):
+  n = 1
+  for a in reduction_axes:
+    n *= shape[a]
+  if n <= 1:
+    raise ValueError(
+        f'expected more than 1 value per feature in training, got input shape '
+        f'{shape}: batch statistics of a single value are meaningless. Use a '
+        'batch of 2 or more, or training=False to normalize with the running '
+        'statistics.')
+
+
+def _complement(axes, ndim):
+  return tuple(i for i in range(ndim) if i not in axes)
+
+
+def _broadcast_shape(x_shape, feature_axes):
+  return tuple(d if i in feature_axes else 1 for i, d in enumerate(x_shape))
+
+
+__all__ = ['batch_norm', 'moments', 'normalize', 'update_state', 'stats_dtype']

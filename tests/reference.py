@@ -1,0 +1,46 @@
+"""Independent float64 NumPy reference for batch normalization."""
+
+import numpy as np
+
+
+def np_moments(x, feature_axes, mask=None):
+  """Per-feature mean, biased variance and count in float64."""
+  x = np.asarray(x)
+  x = x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
+  red = tuple(i for i in range(x.ndim) if i not in feature_axes)
+  if mask is None:
+    mask = np.ones(x.shape, bool)
+  mask = np.broadcast_to(mask, x.shape)
+  xz = np.where(mask, x, 0)
+  n = mask.sum(axis=red).astype(np.float64)
+  mean = xz.sum(axis=red) / np.maximum(n, 1)
+  d = np.where(mask, x - np.expand_dims(mean, red), 0)
+  var = (np.abs(d) ** 2).sum(axis=red) / np.maximum(n, 1)
+  return mean, var, n
+
+
+def np_normalize(x, mean, var, scale, bias, feature_axes, epsilon):
+  x = np.asarray(x, np.float64)
+  shape = [d if i in feature_axes else 1 for i, d in enumerate(x.shape)]
+  y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + epsilon)
+  if scale is not None:
+    y = y * np.asarray(scale, np.float64).reshape(shape)
+  if bias is not None:
+    y = y + np.asarray(bias, np.float64).reshape(shape)
+  return y
+
+
+def np_batch_norm_train(x, run_mean, run_var, count, scale=None, bias=None, *,
+                        feature_axes=(-1,), momentum=0.99, epsilon=1e-5,
+                        mask=None, running_var='biased'):
+  """One training step: returns y and the new (mean, var, count)."""
+  x = np.asarray(x)
+  feature_axes = tuple(a % x.ndim for a in feature_axes)
+  mean, var, n = np_moments(x, feature_axes, mask)
+  y = np_normalize(x, mean, var, scale, bias, feature_axes, epsilon)
+  est = var * n / np.maximum(n - 1, 1) if running_var == 'unbiased' else var
+  keep = 1 - 1 / (count + 1) if momentum is None else momentum
+  has = n > 0
+  new_mean = np.where(has, keep * run_mean + (1 - keep) * mean, run_mean)
+  new_var = np.where(has, keep * run_var + (1 - keep) * est, run_var)
+  return y, new_mean, new_var, count + 1

@@ -1,0 +1,223 @@
+"""batch_norm against the float64 NumPy reference, option by option."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jaxbn
+from reference import np_batch_norm_train, np_moments, np_normalize
+
+# float32 arithmetic on O(1) normalized values: a few ulps of 1.0 per op over
+# reductions of ~1e3 terms stays well below 1e-5.
+F32_TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+def _data(shape, seed=0, offset=0.5, std=2.0):
+  rng = np.random.default_rng(seed)
+  return (offset + std * rng.standard_normal(shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize('shape,axis', [
+    ((16, 5), -1),
+    ((4, 6, 6, 3), -1),        # NHWC
+    ((4, 3, 6, 6), 1),         # NCHW
+    ((4, 3, 5, 6), (1, 3)),    # two feature axes
+    ((8, 2, 7), (0, 2)),       # feature axes around the batch axis
+])
+@pytest.mark.parametrize('running_var', ['biased', 'unbiased'])
+def test_training_step_matches_reference(shape, axis, running_var):
+  x = _data(shape)
+  axes = (axis,) if isinstance(axis, int) else axis
+  fshape = tuple(shape[a] for a in axes)
+  rng = np.random.default_rng(1)
+  scale = rng.uniform(0.5, 1.5, fshape).astype(np.float32)
+  bias = rng.standard_normal(fshape).astype(np.float32)
+  state = jaxbn.init_state(fshape if len(fshape) > 1 else fshape[0])
+  y, new = jaxbn.batch_norm(x, state, scale, bias, training=True, axis=axis,
+                            momentum=0.9, running_var=running_var)
+  ry, rmean, rvar, rcount = np_batch_norm_train(
+      x, np.zeros(fshape), np.ones(fshape), 0, scale, bias, feature_axes=axes,
+      momentum=0.9, running_var=running_var)
+  np.testing.assert_allclose(y, ry, **F32_TOL)
+  np.testing.assert_allclose(new.mean, rmean, **F32_TOL)
+  np.testing.assert_allclose(new.var, rvar, **F32_TOL)
+  assert int(new.count) == rcount
+  assert y.dtype == jnp.float32 and y.shape == x.shape
+
+
+def test_eval_mode_uses_state_and_returns_it_unchanged():
+  x = _data((10, 4))
+  state = jaxbn.BatchNormState(mean=jnp.arange(4.0), var=jnp.arange(1.0, 5.0),
+                               count=jnp.array(7, jnp.int32))
+  y, same = jaxbn.batch_norm(x, state, training=False, epsilon=1e-3)
+  ref = np_normalize(x, np.arange(4.0), np.arange(1.0, 5.0), None, None, (1,), 1e-3)
+  np.testing.assert_allclose(y, ref, **F32_TOL)
+  assert same is state
+
+
+def test_several_steps_and_cumulative_average():
+  state = jaxbn.init_state(3)
+  rm, rv, rc = np.zeros(3), np.ones(3), 0
+  for step in range(5):
+    x = _data((12, 3), seed=step, offset=step)
+    _, state = jaxbn.batch_norm(x, state, training=True, momentum=None,
+                                running_var='unbiased')
+    _, rm, rv, rc = np_batch_norm_train(x, rm, rv, rc, momentum=None,
+                                        running_var='unbiased')
+  np.testing.assert_allclose(state.mean, rm, **F32_TOL)
+  np.testing.assert_allclose(state.var, rv, **F32_TOL)
+  # A cumulative average is the plain mean of the per-batch statistics.
+  means = [np_moments(_data((12, 3), seed=s, offset=s), (1,))[0] for s in range(5)]
+  np.testing.assert_allclose(state.mean, np.mean(means, 0), **F32_TOL)
+
+
+def test_mask_equals_dropping_rows_and_ignores_nan():
+  x = _data((20, 4))
+  keep = np.arange(20) % 3 != 0
+  poisoned = np.where(keep[:, None], x, np.nan).astype(np.float32)
+  state = jaxbn.init_state(4)
+  y, new = jaxbn.batch_norm(poisoned, state, training=True, mask=keep[:, None])
+  y_ref, ref = jaxbn.batch_norm(x[keep], state, training=True)
+  np.testing.assert_allclose(y[keep], y_ref, **F32_TOL)
+  np.testing.assert_allclose(new.mean, ref.mean, **F32_TOL)
+  np.testing.assert_allclose(new.var, ref.var, **F32_TOL)
+
+  def loss(x):
+    y, s = jaxbn.batch_norm(x, state, training=True, mask=keep[:, None])
+    return jnp.sum(jnp.where(keep[:, None], y, 0.0) ** 3) + s.var.sum()
+
+  grad = jax.grad(loss)(jnp.asarray(poisoned))
+  assert np.isfinite(grad[keep]).all()
+  assert (grad[~keep] == 0).all()
+
+
+def test_feature_without_valid_entry_keeps_state_and_gives_no_nan():
+  x = _data((6, 3))
+  mask = np.ones((6, 3), bool)
+  mask[:, 1] = False
+  state = jaxbn.BatchNormState(jnp.full(3, 2.0), jnp.full(3, 5.0), jnp.array(0, jnp.int32))
+  y, new = jaxbn.batch_norm(x, state, training=True, mask=mask, momentum=0.5)
+  assert np.isfinite(y).all()
+  assert float(new.mean[1]) == 2.0 and float(new.var[1]) == 5.0
+  assert float(new.mean[0]) != 2.0
+
+
+def test_per_feature_mask():
+  x = _data((9, 2, 3))
+  mask = np.random.default_rng(3).random((9, 2, 3)) > 0.4
+  state = jaxbn.init_state(3)
+  y, new = jaxbn.batch_norm(x, state, training=True, mask=mask, momentum=0.0,
+                            running_var='unbiased')
+  ry, rm, rv, _ = np_batch_norm_train(x, np.zeros(3), np.ones(3), 0, mask=mask,
+                                      momentum=0.0, running_var='unbiased')
+  np.testing.assert_allclose(y, ry, **F32_TOL)
+  np.testing.assert_allclose(new.mean, rm, **F32_TOL)
+  np.testing.assert_allclose(new.var, rv, **F32_TOL)
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
+def test_low_precision_in_same_dtype_out_stats_in_float32(dtype):
+  x32 = _data((64, 8), offset=3.0)
+  x = jnp.asarray(x32, dtype)
+  state = jaxbn.init_state(8)
+  y, new = jaxbn.batch_norm(x, state, training=True, momentum=0.0)
+  assert y.dtype == dtype
+  assert new.mean.dtype == jnp.float32 and new.var.dtype == jnp.float32
+  xs = np.asarray(x.astype(jnp.float32), np.float64)  # the values the model saw
+  mean, var, _ = np_moments(xs, (1,))
+  np.testing.assert_allclose(new.mean, mean, rtol=1e-5)
+  np.testing.assert_allclose(new.var, var, rtol=1e-5)
+  # Output precision is that of the dtype: 8 bits of mantissa for bfloat16.
+  tol = 1e-2 if dtype == jnp.bfloat16 else 2e-3
+  ref = np_normalize(xs, mean, var, None, None, (1,), 1e-5)
+  np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=tol, atol=tol)
+
+
+def test_float64_input_accumulates_in_float64():
+  with jax.enable_x64(True):
+    x = np.random.default_rng(0).standard_normal((32, 3)) * 1e-3 + 1e4
+    state = jaxbn.init_state(3, jnp.float64)
+    y, new = jaxbn.batch_norm(jnp.asarray(x), state, training=True, momentum=0.0)
+    assert y.dtype == jnp.float64 and new.var.dtype == jnp.float64
+    np.testing.assert_allclose(new.var, x.var(0), rtol=1e-9)
+
+
+def test_complex_input_has_real_variance():
+  rng = np.random.default_rng(0)
+  x = (rng.standard_normal((16, 3)) + 1j * rng.standard_normal((16, 3))).astype(np.complex64)
+  state = jaxbn.init_state(3, jnp.complex64)
+  y, new = jaxbn.batch_norm(x, state, training=True, momentum=0.0)
+  assert y.dtype == jnp.complex64
+  assert new.var.dtype == jnp.float32 and new.mean.dtype == jnp.complex64
+  mean, var, _ = np_moments(x, (1,))
+  np.testing.assert_allclose(new.mean, mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(new.var, var, rtol=1e-5)
+  np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-5)
+
+
+def test_transforms_jit_vmap_scan_checkpoint():
+  xs = jnp.asarray(_data((5, 16, 4)))
+  state = jaxbn.init_state(4)
+  step = lambda s, x: jaxbn.batch_norm(x, s, training=True)[::-1]
+  final, ys = jax.lax.scan(jax.checkpoint(step), state, xs)
+  s = state
+  for i in range(5):
+    y, s = jaxbn.batch_norm(xs[i], s, training=True)
+    np.testing.assert_allclose(ys[i], y, **F32_TOL)
+  np.testing.assert_allclose(final.mean, s.mean, **F32_TOL)
+  # vmap over independent models: one state per model.
+  states = jax.vmap(lambda _: jaxbn.init_state(4))(jnp.arange(5))
+  vy, vs = jax.jit(jax.vmap(lambda x, s: jaxbn.batch_norm(x, s, training=True)))(xs, states)
+  np.testing.assert_allclose(vy, ys, **F32_TOL)
+  assert vs.mean.shape == (5, 4)
+
+
+@pytest.mark.parametrize('use_mask', [False, True])
+def test_gradients_are_exact_second_order(use_mask):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((6, 3)) * 2 + 1)
+    scale = jnp.asarray(rng.uniform(0.5, 2, 3))
+    bias = jnp.asarray(rng.standard_normal(3))
+    mask = jnp.asarray(rng.random((6, 3)) > 0.3) if use_mask else None
+    state = jaxbn.init_state(3, jnp.float64)
+    w = jnp.asarray(rng.standard_normal((6, 3)))
+
+    def f(x, scale, bias):
+      y, s = jaxbn.batch_norm(x, state, scale, bias, training=True, mask=mask,
+                              momentum=0.5)
+      if mask is not None:  # masked-out outputs are constants by design
+        y = jnp.where(mask, y, 0.0)
+      return jnp.sum(w * y) + jnp.sum(jnp.sin(y)) + jnp.sum(s.var * s.mean)
+
+    check_grads(f, (x, scale, bias), order=2, modes=('fwd', 'rev'))
+
+
+def test_ghost_batch_norm_normalizes_each_chunk():
+  x = _data((12, 5))
+  state = jaxbn.init_state(5)
+  y, new = jaxbn.batch_norm(x, state, training=True, virtual_batch_size=4,
+                            momentum=0.0)
+  chunks = x.reshape(3, 4, 5)
+  for i in range(3):
+    m, v, _ = np_moments(chunks[i], (1,))
+    np.testing.assert_allclose(y[4 * i:4 * i + 4], np_normalize(chunks[i], m, v, None, None, (1,), 1e-5), **F32_TOL)
+  stats = [np_moments(c, (1,)) for c in chunks]
+  np.testing.assert_allclose(new.mean, np.mean([s[0] for s in stats], 0), **F32_TOL)
+  np.testing.assert_allclose(new.var, np.mean([s[1] for s in stats], 0), **F32_TOL)
+  # One chunk is plain batch norm.
+  y_full, s_full = jaxbn.batch_norm(x, state, training=True, virtual_batch_size=12)
+  y_bn, s_bn = jaxbn.batch_norm(x, state, training=True)
+  np.testing.assert_allclose(y_full, y_bn, **F32_TOL)
+  np.testing.assert_allclose(s_full.var, s_bn.var, **F32_TOL)
+
+
+def test_ghost_batch_norm_errors():
+  x = _data((10, 3))
+  state = jaxbn.init_state(3)
+  with pytest.raises(ValueError, match='not divisible by virtual_batch_size=4'):
+    jaxbn.batch_norm(x, state, training=True, virtual_batch_size=4)
+  with pytest.raises(ValueError, match='virtual_batch_size must be an int >= 2'):
+    jaxbn.batch_norm(x, state, training=True, virtual_batch_size=1)

@@ -1,0 +1,230 @@
+"""Run configuration: a frozen dataclass and the command-line parser.
+
+This module imports neither jax nor flax so that bad command lines are
+rejected in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+from typing import Any, Sequence
+
+DATASETS = ("digits", "mnist", "fashion-mnist")
+MODELS = ("cnn", "mlp", "resnet")
+NORMS = ("batch", "none", "layer", "group", "ghost", "renorm")
+OPTIMIZERS = ("adam", "sgd", "adamw")
+SCHEDULES = ("cosine", "onecycle", "constant")
+ACTIVATIONS = ("relu", "sigmoid", "tanh")
+
+# Defaults that depend on the dataset: the 8x8 digits set is tiny (1437
+# training images), so it needs many short epochs and small batches; MNIST
+# has 60000 images, so a few epochs of larger batches suffice.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {"epochs": 12, "batch_size": 32, "lr": 3e-3},
+    "mnist": {"epochs": 3, "batch_size": 128, "lr": 2e-3},
+    "fashion-mnist": {"epochs": 5, "batch_size": 128, "lr": 2e-3},
+}
+
+# Fields that change what is computed. Resuming a run with a different value
+# for any of these would not reproduce the uninterrupted run.
+TRAINING_FIELDS = (
+    "dataset", "model", "norm", "epochs", "batch_size", "lr", "seed",
+    "devices", "optimizer", "weight_decay", "schedule", "mlp_depth",
+    "mlp_width", "activation", "limit_train", "bn_momentum",
+    "virtual_batch_size",
+)
+
+
+class ConfigError(ValueError):
+    """A command line or configuration that cannot be run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that defines a training run.
+
+    ``None`` for ``epochs``, ``batch_size``, ``lr`` and ``out`` means "the
+    default for this dataset"; :func:`resolve` fills them in.
+    """
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    model: str = "cnn"
+    norm: str = "batch"
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    seed: int = 0
+    out: str | None = None
+    resume: bool = False
+    devices: int = 1
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    download: bool = False
+    base_url: str | None = None
+    max_bad_steps: int = 10
+    mlp_depth: int = 3
+    mlp_width: int = 100
+    activation: str = "sigmoid"
+    limit_train: int | None = None
+    bn_momentum: float = 0.9
+    virtual_batch_size: int = 16
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def training_dict(self) -> dict[str, Any]:
+        """The fields that must match for a resumed run to be exact."""
+        return {k: getattr(self, k) for k in TRAINING_FIELDS}
+
+    def command_line(self) -> str:
+        """A ``python -m train`` command that reproduces this config."""
+        parts = ["python", "-m", "train"]
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "resume" or value is None or value == field.default:
+                continue
+            flag = "--" + field.name.replace("_", "-")
+            if isinstance(value, bool):
+                if value:
+                    parts.append(flag)
+            else:
+                parts += [flag, str(value)]
+        return " ".join(shlex.quote(p) for p in parts)
+
+
+def default_out_dir(cfg: Config) -> str:
+    return os.path.join("runs", f"{cfg.dataset}-{cfg.model}-{cfg.norm}-seed{cfg.seed}")
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill dataset-dependent defaults and check value ranges."""
+    defaults = DATASET_DEFAULTS[cfg.dataset]
+    cfg = dataclasses.replace(
+        cfg,
+        epochs=defaults["epochs"] if cfg.epochs is None else cfg.epochs,
+        batch_size=defaults["batch_size"] if cfg.batch_size is None else cfg.batch_size,
+        lr=defaults["lr"] if cfg.lr is None else cfg.lr,
+        data_dir=cfg.data_dir if cfg.data_dir is not None else os.environ.get("JAXBN_DATA") or None,
+    )
+    if cfg.out is None:
+        cfg = dataclasses.replace(cfg, out=default_out_dir(cfg))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError naming the fix for any out-of-range value."""
+    choices = {
+        "dataset": DATASETS, "model": MODELS, "norm": NORMS,
+        "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "activation": ACTIVATIONS,
+    }
+    for name, allowed in choices.items():
+        value = getattr(cfg, name)
+        if value not in allowed:
+            raise ConfigError(f"--{name} {value!r} is not one of: {', '.join(allowed)}")
+    at_least_one = ("epochs", "batch_size", "devices", "max_bad_steps", "mlp_depth",
+                    "mlp_width", "virtual_batch_size")
+    for name in at_least_one:
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if cfg.limit_train is not None and cfg.limit_train < 1:
+        raise ConfigError(f"--limit-train must be at least 1, got {cfg.limit_train}")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise ConfigError(f"--lr must be positive, got {cfg.lr}")
+    if not cfg.weight_decay >= 0:
+        raise ConfigError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    if not 0.0 <= cfg.bn_momentum < 1.0:
+        raise ConfigError(f"--bn-momentum must be in [0, 1), got {cfg.bn_momentum}")
+    if cfg.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {cfg.seed}")
+    if cfg.batch_size is not None:
+        if cfg.batch_size % cfg.devices:
+            raise ConfigError(
+                f"--batch-size {cfg.batch_size} is not divisible by --devices {cfg.devices}; "
+                "the global batch is split evenly across devices")
+        if cfg.norm in ("batch", "ghost", "renorm") and cfg.batch_size // cfg.devices < 2:
+            raise ConfigError(
+                f"--norm {cfg.norm} needs at least 2 examples per batch to estimate "
+                f"statistics; raise --batch-size (got {cfg.batch_size})")
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are a single line (no usage dump)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise ConfigError(message)
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # SUPPRESS as default: the namespace then holds only what was typed, which
+    # lets --resume take the rest from the checkpointed config.
+    p = _Parser(
+        prog="python -m train",
+        description="Train a small image classifier with batch normalization (jaxbn).",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--dataset", choices=DATASETS, help="default: digits (offline, scikit-learn)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="folder holding mnist/ and fashion-mnist/ (default: $JAXBN_DATA)")
+    p.add_argument("--model", choices=MODELS, help="default: cnn")
+    p.add_argument("--norm", choices=NORMS, help="normalization in every layer (default: batch)")
+    p.add_argument("--epochs", type=_int, metavar="N")
+    p.add_argument("--batch-size", type=_int, metavar="B")
+    p.add_argument("--lr", type=_float, metavar="LR", help="peak learning rate")
+    p.add_argument("--seed", type=_int, metavar="S", help="default: 0")
+    p.add_argument("--out", metavar="DIR",
+                   help="output folder (default: runs/<dataset>-<model>-<norm>-seed<S>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last complete checkpoint")
+    p.add_argument("--devices", type=_int, metavar="N",
+                   help="data-parallel over N devices (default: 1)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="default: adam")
+    p.add_argument("--weight-decay", type=_float, metavar="WD", help="default: 0")
+    p.add_argument("--schedule", choices=SCHEDULES,
+                   help="learning-rate schedule (default: cosine, with linear warmup)")
+    p.add_argument("--download", action="store_true",
+                   help="fetch missing or corrupt dataset files into --data-dir")
+    p.add_argument("--base-url", metavar="URL", help="where --download fetches from")
+    p.add_argument("--max-bad-steps", type=_int, metavar="K",
+                   help="stop after K consecutive non-finite steps (default: 10)")
+    p.add_argument("--mlp-depth", type=_int, metavar="D", help="hidden layers (default: 3)")
+    p.add_argument("--mlp-width", type=_int, metavar="W", help="hidden units (default: 100)")
+    p.add_argument("--activation", choices=ACTIVATIONS, help="mlp activation (default: sigmoid)")
+    p.add_argument("--limit-train", type=_int, metavar="N",
+                   help="train on the first N training examples only")
+    p.add_argument("--bn-momentum", type=_float, metavar="M",
+                   help="running-statistics momentum, flax convention (default: 0.9)")
+    p.add_argument("--virtual-batch-size", type=_int, metavar="V",
+                   help="ghost batch size for --norm ghost (default: 16)")
+    return p
+
+
+def explicit_args(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse argv into a dict holding only the options that were given."""
+    ns = build_parser().parse_args(argv)
+    return vars(ns)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    """argv -> resolved Config (dataset defaults filled in, values checked)."""
+    return resolve(Config(**explicit_args(argv)))

@@ -1,0 +1,197 @@
+"""Pure training and evaluation steps over an explicit TrainState pytree.
+
+The model lives as ``nnx.split`` pieces: a static graphdef (captured by the
+step functions) and two states, trainable ``params`` and everything else
+(``model_state``: batch-norm running statistics). Steps are pure functions
+of ``(state, batch)`` so they jit, donate and shard like any jax function.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+class TrainState(NamedTuple):
+    params: Any        # nnx.State of nnx.Param
+    model_state: Any   # nnx.State of the other variables (BatchStat, ...)
+    opt_state: Any     # optax state
+    step: jax.Array    # number of updates applied (bad steps excluded)
+    rng: jax.Array     # PRNG key (uint32[2]), advanced every step
+    bad_steps: jax.Array  # consecutive non-finite steps so far
+
+
+class Model(NamedTuple):
+    """The static halves of a split model: one graphdef per mode."""
+    train: Any
+    eval: Any
+
+
+def split_model(model: nnx.Module) -> tuple[Model, Any, Any]:
+    """model -> (graphdefs for train/eval mode, params, other variables)."""
+    model.train()
+    train_def, params, rest = nnx.split(model, nnx.Param, ...)
+    # BatchNorm's use_running_average is a static attribute, so eval mode is
+    # a different graphdef over the very same state.
+    model.eval()
+    eval_def, _, _ = nnx.split(model, nnx.Param, ...)
+    model.train()
+    return Model(train_def, eval_def), params, rest
+
+
+def _decay_mask(params):
+    # Decay kernels only: biases and normalization scales/shifts are 1-D and
+    # decaying them only fights the normalization.
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_schedule(name: str, lr: float, total_steps: int) -> optax.Schedule:
+    total_steps = max(1, total_steps)
+    if name == "constant":
+        return optax.constant_schedule(lr)
+    if name == "onecycle":
+        return optax.cosine_onecycle_schedule(total_steps, lr)
+    if name == "cosine":
+        warmup = max(1, total_steps // 20)
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=lr, warmup_steps=warmup,
+            decay_steps=total_steps, end_value=lr * 0.01)
+    raise ValueError(f"unknown schedule {name!r}")
+
+
+def make_optimizer(name: str, schedule: optax.Schedule, weight_decay: float = 0.0
+                   ) -> optax.GradientTransformation:
+    if name == "adamw":
+        return optax.adamw(schedule, weight_decay=weight_decay, mask=_decay_mask)
+    if name == "adam":
+        base = optax.adam(schedule)
+    elif name == "sgd":
+        base = optax.sgd(schedule, momentum=0.9, nesterov=True)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}")
+    if weight_decay:
+        # Coupled L2 (added to the gradient), the classic formulation.
+        return optax.chain(optax.add_decayed_weights(weight_decay, mask=_decay_mask), base)
+    return base
+
+
+def init_state(params, model_state, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(
+        params=params,
+        model_state=model_state,
+        opt_state=tx.init(params),
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.PRNGKey(seed),
+        bad_steps=jnp.zeros((), jnp.int32),
+    )
+
+
+def cross_entropy(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), labels)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable:
+    """Build the pure ``train_step(state, (x, y)) -> (state, metrics)``."""
+
+    def loss_fn(params, model_state, x, y):
+        model = nnx.merge(graphdef, params, model_state)
+        logits = model(x)
+        _, _, new_model_state = nnx.split(model, nnx.Param, ...)
+        return cross_entropy(logits, y).mean(), (logits, new_model_state)
+
+    def train_step(state: TrainState, batch):
+        x, y = batch
+        (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, state.model_state, x, y)
+        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+
+        # NaN/Inf guard: a non-finite loss or gradient leaves params, optimizer
+        # and running statistics as they were (a select, not a branch, so the
+        # step stays one fused program).
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = TrainState(
+            params=keep(new_params, state.params),
+            model_state=keep(new_model_state, state.model_state),
+            opt_state=keep(new_opt_state, state.opt_state),
+            step=state.step + ok.astype(jnp.int32),
+            rng=jax.random.split(state.rng)[0],
+            bad_steps=jnp.where(ok, 0, state.bad_steps + 1),
+        )
+        metrics = {
+            "loss": loss,
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+            "grad_norm": grad_norm,
+            "lr": schedule(state.step),
+            "finite": ok,
+            "bad_steps": new_state.bad_steps,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef) -> Callable:
+    """Build ``eval_step(state, (x, y, mask)) -> sums`` using running statistics."""
+
+    def eval_step(state: TrainState, batch):
+        x, y, mask = batch
+        model = nnx.merge(graphdef, state.params, state.model_state)
+        logits = model(x)
+        weight = mask.astype(jnp.float32)
+        return {
+            "loss_sum": jnp.sum(cross_entropy(logits, y) * weight),
+            "correct": jnp.sum((jnp.argmax(logits, -1) == y) * weight),
+            "count": jnp.sum(weight),
+        }
+
+    return eval_step
+
+
+def make_mesh(devices: int) -> Mesh | None:
+    """A 1-D 'data' mesh over the first ``devices`` devices (None for one)."""
+    available = jax.devices()
+    if devices > len(available):
+        raise ValueError(
+            f"--devices {devices} but only {len(available)} {available[0].platform} "
+            f"device(s) are visible; lower --devices")
+    if devices == 1:
+        return None
+    return Mesh(available[:devices], ("data",))
+
+
+def jit_steps(train_step, eval_step, mesh: Mesh | None):
+    """Jit both steps; with a mesh, batches are split over 'data' and state replicated.
+
+    Under jit with a sharded batch, batch-norm statistics are the global
+    batch statistics: XLA inserts the cross-device reductions.
+    """
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+    rep = NamedSharding(mesh, P())
+    data = NamedSharding(mesh, P("data"))
+    train = jax.jit(train_step, in_shardings=(rep, data), out_shardings=(rep, rep),
+                    donate_argnums=0)
+    evaluate = jax.jit(eval_step, in_shardings=(rep, data), out_shardings=rep)
+    return train, evaluate
+
+
+def place_state(state: TrainState, mesh: Mesh | None) -> TrainState:
+    if mesh is None:
+        return jax.device_put(state)
+    return jax.device_put(state, NamedSharding(mesh, P()))
+
+
+def place_batch(batch, mesh: Mesh | None):
+    if mesh is None:
+        return batch
+    return jax.device_put(batch, NamedSharding(mesh, P("data")))
