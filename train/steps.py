@@ -101,7 +101,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation,
     """Build the pure ``train_step(state, (x, y)) -> (state, metrics)``."""
 
     def loss_fn(params, model_state, x, y):
-        model = nnx.merge(graphdef, params, model_state)
+        model = nnx.merge(graphdef, params, model_state, copy=True)
         logits = model(x)
         _, _, new_model_state = nnx.split(model, nnx.Param, ...)
         return cross_entropy(logits, y).mean(), (logits, new_model_state)

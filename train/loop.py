@@ -1,0 +1,520 @@
+"""The training loop: output folder, data order, checkpoints, resume, signals.
+
+Exactness of ``--resume``: the data order is a function of (seed, epoch),
+the TrainState is restored bit for bit, the per-epoch running sums are stored
+in the checkpoint, and ``metrics.jsonl`` is cut back to what it held when the
+checkpoint was taken. A resumed run therefore replays exactly the same
+computation as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+import jax
+import numpy as np
+
+from train import checkpoint, data, models, plots, steps
+from train.config import Config, ConfigError, TRAINING_FIELDS, default_out_dir, resolve
+
+EXIT_INTERRUPTED = 130
+RUN_MARKERS = ("metrics.jsonl", "summary.json", "checkpoints")
+EVAL_BATCH = 1000
+KEEP_CHECKPOINTS = 3
+
+
+class RunError(Exception):
+    """The run cannot start or continue; the message names the fix."""
+
+
+class Stopped(Exception):
+    """Training stopped early (too many non-finite steps)."""
+
+
+# --------------------------------------------------------------------------
+# output folder
+
+
+def check_out_dir(out: Path, resume: bool) -> None:
+    """Read-only checks on --out, done before any data is loaded."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} exists and is not a directory; choose another --out")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunError(f"--out {out}: {parent} is not a directory; choose another --out")
+            break
+    if not resume and out.is_dir():
+        found = [m for m in RUN_MARKERS if (out / m).exists()]
+        if found:
+            raise RunError(
+                f"--out {out} already holds a run ({found[0]}); pass --resume to continue "
+                f"it or choose another --out")
+
+
+def open_out_dir(out: Path, resume: bool) -> int:
+    """Create --out, take its lock (returns the lock fd) and re-check it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create --out {out}: {e.strerror or e}") from None
+    try:
+        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunError(f"--out {out} is not writable: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise RunError(
+            f"another training run is writing to {out} (its .lock is held); wait for it "
+            f"to finish or choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        check_out_dir(out, resume)  # again, now that we hold the lock
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        os.close(fd)
+        raise RunError(f"--out {out} is not writable: {e.strerror or e}") from None
+    except RunError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------
+# resume configuration
+
+
+def resume_config(explicit: dict[str, Any]) -> Config:
+    """Config for ``--resume``: the checkpointed run's settings, with overrides.
+
+    Options given on the command line must agree with the checkpoint for
+    every setting that changes the computation; paths may differ.
+    """
+    probe = resolve(Config(**explicit))
+    found = checkpoint.latest_meta(Path(probe.out) / "checkpoints")
+    if found is None:
+        return probe
+    saved = found[1].get("config", {})
+    for key, value in explicit.items():
+        if key in TRAINING_FIELDS and key in saved and saved[key] != value:
+            raise ConfigError(
+                f"--{key.replace('_', '-')} {value} differs from the run in {probe.out} "
+                f"({saved[key]}); drop the option to resume, or choose another --out")
+    merged = {k: v for k, v in saved.items() if k in TRAINING_FIELDS}
+    merged.update(explicit)
+    merged.setdefault("out", probe.out)
+    return resolve(Config(**merged))
+
+
+# --------------------------------------------------------------------------
+# progress
+
+
+class Progress:
+    """A progress bar on a terminal, one plain line per epoch otherwise."""
+
+    def __init__(self, stream: TextIO, epochs: int, steps_per_epoch: int, batch_size: int):
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.epochs, self.spe, self.bs = epochs, steps_per_epoch, batch_size
+        self._last = 0.0
+
+    def step(self, epoch: int, index: int, loss: float, acc: float, ips: float) -> None:
+        if not self.tty:
+            return
+        now = time.perf_counter()
+        if now - self._last < 0.1 and index + 1 < self.spe:
+            return
+        self._last = now
+        width = 24
+        done = int(width * (index + 1) / self.spe)
+        bar = "#" * done + "." * (width - done)
+        self.stream.write(
+            f"\repoch {epoch + 1}/{self.epochs} [{bar}] {index + 1}/{self.spe} "
+            f"loss {loss:.4f} acc {100 * acc:5.1f}% {ips:7.0f} img/s")
+        self.stream.flush()
+
+    def epoch(self, rec: dict) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K")
+        self.stream.write(
+            f"epoch {rec['epoch']}/{self.epochs}  train loss {rec['train_loss']:.4f} "
+            f"acc {100 * rec['train_accuracy']:.1f}%  test loss {rec['test_loss']:.4f} "
+            f"acc {100 * rec['test_accuracy']:.2f}%  {rec['images_per_second']:.0f} img/s  "
+            f"{rec['epoch_seconds']:.1f} s\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+# --------------------------------------------------------------------------
+# signals
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checks it between steps."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def __bool__(self):
+        return self.signum is not None
+
+
+@contextlib.contextmanager
+def catch_signals(flag: StopFlag):
+    if threading_main() is False:
+        yield
+        return
+
+    def handler(signum, frame):
+        flag.signum = signum
+        # A second signal interrupts at once (the default behaviour).
+        signal.signal(signum, previous[signum])
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def threading_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+# --------------------------------------------------------------------------
+# helpers
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def versions() -> dict[str, str]:
+    import flax
+    import optax
+    out = {"python": platform.python_version(), "jax": jax.__version__,
+           "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__}
+    try:
+        import jaxlib
+        out["jaxlib"] = jaxlib.__version__
+    except ImportError:
+        pass
+    try:
+        import jaxbn
+        out["jaxbn"] = getattr(jaxbn, "__version__", "unknown")
+    except ImportError:
+        pass
+    return out
+
+
+def device_description(n: int) -> str:
+    d = jax.devices()[0]
+    return f"{n} x {d.platform} ({getattr(d, 'device_kind', d.platform)})"
+
+
+def evaluate(eval_step, state, x, y, batch_size: int, mesh) -> tuple[float, float]:
+    """Mean loss and accuracy over every example, with running statistics."""
+    loss_sum = correct = count = 0.0
+    for xb, yb, mb in data.eval_batches(x, y, batch_size):
+        out = jax.device_get(eval_step(state, steps.place_batch((xb, yb, mb), mesh)))
+        loss_sum += float(out["loss_sum"])
+        correct += float(out["correct"])
+        count += float(out["count"])
+    return loss_sum / count, correct / count
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
+
+
+@dataclasses.dataclass
+class Bookkeeping:
+    """Host-side running totals; stored in checkpoints so resume is exact."""
+    epoch: int = 0          # current epoch (0-based)
+    batch: int = 0          # next batch index within the epoch
+    loss_sum: float = 0.0   # over this epoch's finite steps
+    acc_sum: float = 0.0
+    finite_steps: int = 0
+    epoch_images: int = 0
+    epoch_step_time: float = 0.0
+    bad_total: int = 0
+    images_total: int = 0
+    steady_time: float = 0.0    # step time excluding each segment's first (compiling) step
+    steady_images: int = 0
+    train_seconds: float = 0.0  # wall time spent in earlier segments
+    last_epoch: dict | None = None
+
+    def new_epoch(self, epoch: int) -> None:
+        self.epoch, self.batch = epoch, 0
+        self.loss_sum = self.acc_sum = self.epoch_step_time = 0.0
+        self.finite_steps = self.epoch_images = 0
+
+
+# --------------------------------------------------------------------------
+# the run
+
+
+def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | None = None,
+        load_data: Callable[..., data.Dataset] = data.load) -> tuple[int, dict | None]:
+    """Train as ``cfg`` says. Returns (exit code, summary or None).
+
+    ``interrupt_at_step`` acts as if SIGINT arrived after that global step
+    (used to test resuming); ``load_data`` replaces the data loader.
+    """
+    stdout = stdout or sys.stdout
+    out = Path(cfg.out)
+    opts = models.NormOptions(momentum=cfg.bn_momentum, virtual_batch_size=cfg.virtual_batch_size)
+    try:
+        models.check_norm_available(cfg.norm, opts)
+    except models.NormUnavailable as e:
+        raise ConfigError(str(e)) from None
+    try:
+        mesh = steps.make_mesh(cfg.devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    check_out_dir(out, cfg.resume)
+
+    dataset = load_data(cfg.dataset, cfg.data_dir, download_missing=cfg.download,
+                        base_url=cfg.base_url, limit_train=cfg.limit_train,
+                        log=lambda m: print(m, file=stdout, flush=True))
+    n_train = len(dataset.x_train)
+    spe = data.steps_per_epoch(n_train, cfg.batch_size)
+    if spe == 0:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} is larger than the {n_train} training examples; "
+            f"lower --batch-size")
+    total_steps = spe * cfg.epochs
+    eval_bs = _round_up(min(EVAL_BATCH, len(dataset.x_test)), cfg.devices)
+
+    lock_fd = open_out_dir(out, cfg.resume)
+    try:
+        return _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout,
+                      interrupt_at_step)
+    finally:
+        os.close(lock_fd)
+
+
+def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, interrupt_at_step):
+    model = models.build_model(cfg.model, dataset.input_shape, norm=cfg.norm, seed=cfg.seed,
+                               opts=opts, mlp_depth=cfg.mlp_depth, mlp_width=cfg.mlp_width,
+                               activation=cfg.activation)
+    graphdefs, params, model_state = steps.split_model(model)
+    param_count = int(sum(np.size(p) for p in jax.tree.leaves(params)))
+    schedule = steps.make_schedule(cfg.schedule, cfg.lr, total_steps)
+    tx = steps.make_optimizer(cfg.optimizer, schedule, cfg.weight_decay)
+    state = steps.init_state(params, model_state, tx, cfg.seed)
+    train_step, eval_step = steps.jit_steps(
+        steps.make_train_step(graphdefs.train, tx, schedule),
+        steps.make_eval_step(graphdefs.eval), mesh)
+
+    ckpt_root = out / "checkpoints"
+    metrics_path = out / "metrics.jsonl"
+    book = Bookkeeping()
+    resumed_from = None
+    progress = Progress(stdout, cfg.epochs, spe, cfg.batch_size)
+    if cfg.resume:
+        for p in checkpoint.remove_partial(ckpt_root):
+            progress.message(f"removed an incomplete checkpoint write: {p.name}")
+        restored = checkpoint.restore_latest(ckpt_root, state, warn=progress.message)
+        if restored is not None:
+            state, meta = restored
+            book = Bookkeeping(**meta["bookkeeping"])
+            resumed_from = meta["position"]
+            _truncate(metrics_path, meta["metrics_bytes"], progress)
+            progress.message(
+                f"resuming from {ckpt_root.name}/ckpt-{resumed_from:09d} "
+                f"(epoch {book.epoch + 1}, step {resumed_from})")
+        else:
+            if ckpt_root.exists() or metrics_path.exists():
+                progress.message(f"no complete checkpoint in {ckpt_root}; starting from the beginning")
+            _truncate(metrics_path, 0, progress)
+    state = steps.place_state(state, mesh)
+
+    flag = StopFlag()
+    segment_start = time.perf_counter()
+    first_step = True
+    metrics_file = open(metrics_path, "a")
+
+    def save_checkpoint() -> Path:
+        metrics_file.flush()
+        os.fsync(metrics_file.fileno())
+        bk = dataclasses.replace(book, train_seconds=book.train_seconds
+                                 + time.perf_counter() - segment_start)
+        meta = {"bookkeeping": dataclasses.asdict(bk), "config": cfg.to_dict(),
+                "metrics_bytes": metrics_file.tell(), "created": time.time()}
+        return checkpoint.save(ckpt_root, state, meta, position=book.epoch * spe + book.batch,
+                               keep=KEEP_CHECKPOINTS)
+
+    def write(rec: dict) -> None:
+        metrics_file.write(json.dumps(rec) + "\n")
+
+    try:
+        with catch_signals(flag):
+            while book.epoch < cfg.epochs:
+                epoch = book.epoch
+                batches = data.train_batches(dataset.x_train, dataset.y_train, cfg.batch_size,
+                                             seed=cfg.seed, epoch=epoch, start=book.batch)
+                for xb, yb in batches:
+                    t0 = time.perf_counter()
+                    state, m = train_step(state, steps.place_batch((xb, yb), mesh))
+                    m = jax.device_get(m)
+                    dt = time.perf_counter() - t0
+                    book.batch += 1
+                    gstep = epoch * spe + book.batch
+                    finite = bool(m["finite"])
+                    loss, acc = float(m["loss"]), float(m["accuracy"])
+                    write({"kind": "step", "step": gstep, "epoch": epoch + 1,
+                           "loss": _finite_or_none(loss), "accuracy": acc,
+                           "lr": float(m["lr"]), "grad_norm": _finite_or_none(float(m["grad_norm"])),
+                           "step_time": dt, "finite": finite, "bad_steps": int(m["bad_steps"])})
+                    book.images_total += len(xb)
+                    book.epoch_images += len(xb)
+                    book.epoch_step_time += dt
+                    if first_step:
+                        first_step = False  # includes compilation
+                    else:
+                        book.steady_time += dt
+                        book.steady_images += len(xb)
+                    if finite:
+                        book.loss_sum += loss
+                        book.acc_sum += acc
+                        book.finite_steps += 1
+                    else:
+                        book.bad_total += 1
+                        if int(m["bad_steps"]) >= cfg.max_bad_steps:
+                            metrics_file.flush()
+                            raise Stopped(
+                                f"stopped at step {gstep}: {int(m['bad_steps'])} consecutive "
+                                f"steps had a non-finite loss or gradient (parameters kept "
+                                f"from the last good step); lower --lr or check the data")
+                    ips = len(xb) / dt if dt > 0 else 0.0
+                    progress.step(epoch, book.batch - 1, loss, acc, ips)
+                    if interrupt_at_step is not None and gstep == interrupt_at_step:
+                        flag.signum = signal.SIGINT
+                    if flag:
+                        return _interrupted(cfg, flag, save_checkpoint, progress, gstep)
+
+                t_eval = time.perf_counter()
+                test_loss, test_acc = evaluate(eval_step, state, dataset.x_test, dataset.y_test,
+                                               eval_bs, mesh)
+                n_ok = max(book.finite_steps, 1)
+                rec = {"kind": "epoch", "epoch": epoch + 1, "step": (epoch + 1) * spe,
+                       "train_loss": book.loss_sum / n_ok, "train_accuracy": book.acc_sum / n_ok,
+                       "test_loss": test_loss, "test_accuracy": test_acc,
+                       "lr": float(schedule(int(state.step))),
+                       "epoch_seconds": book.epoch_step_time + time.perf_counter() - t_eval,
+                       "images_per_second": book.epoch_images / max(book.epoch_step_time, 1e-9)}
+                write(rec)
+                progress.epoch(rec)
+                book.last_epoch = {k: rec[k] for k in ("test_loss", "test_accuracy",
+                                                       "train_loss", "train_accuracy")}
+                book.new_epoch(epoch + 1)
+                save_checkpoint()
+                if flag:
+                    return _interrupted(cfg, flag, save_checkpoint, progress, (epoch + 1) * spe)
+    except Stopped as e:
+        metrics_file.close()
+        raise RunError(str(e)) from None
+    finally:
+        if not metrics_file.closed:
+            metrics_file.close()
+
+    if book.last_epoch is None:  # nothing trained (e.g. --epochs 0 never happens)
+        test_loss, test_acc = evaluate(eval_step, state, dataset.x_test, dataset.y_test,
+                                       eval_bs, mesh)
+        book.last_epoch = {"test_loss": test_loss, "test_accuracy": test_acc,
+                           "train_loss": float("nan"), "train_accuracy": float("nan")}
+    train_seconds = book.train_seconds + time.perf_counter() - segment_start
+    ips = book.steady_images / book.steady_time if book.steady_time > 0 else 0.0
+    summary = {
+        "test_accuracy": book.last_epoch["test_accuracy"],
+        "test_loss": book.last_epoch["test_loss"],
+        "train_loss": book.last_epoch["train_loss"],
+        "train_accuracy": book.last_epoch["train_accuracy"],
+        "epochs": cfg.epochs,
+        "steps": cfg.epochs * spe,
+        "train_examples": len(dataset.x_train),
+        "test_examples": len(dataset.x_test),
+        "bad_steps": book.bad_total,
+        "train_seconds": train_seconds,
+        "images_per_second": ips,
+        "param_count": param_count,
+        "norm_impl": models.norm_implementation(cfg.norm),
+        "resumed_from_step": resumed_from,
+        "config": cfg.to_dict(),
+        "versions": versions(),
+        "device": device_description(cfg.devices),
+    }
+    write_json_atomic(out / "summary.json", summary)
+    try:
+        plots.plot_run(plots.read_metrics(metrics_path), out,
+                       title=f"{cfg.dataset} {cfg.model} norm={cfg.norm} seed={cfg.seed}")
+    except Exception as e:  # plots are a convenience; never lose a finished run over them
+        progress.message(f"warning: could not draw plots: {e}")
+    progress.message(
+        f"test accuracy {100 * summary['test_accuracy']:.2f}% (test loss "
+        f"{summary['test_loss']:.4f}) in {train_seconds:.1f} s, {ips:.0f} images/s")
+    progress.message(f"wrote {out}/summary.json, metrics.jsonl, loss.png, accuracy.png")
+    return 0, summary
+
+
+def _interrupted(cfg, flag, save_checkpoint, progress, gstep) -> tuple[int, None]:
+    path = save_checkpoint()
+    name = signal.Signals(flag.signum).name
+    resume_cmd = dataclasses.replace(cfg, out=cfg.out).command_line()
+    if "--out" not in resume_cmd:
+        resume_cmd += f" --out {cfg.out}"
+    progress.message(
+        f"{name}: stopped after step {gstep}; checkpoint saved in {path}. "
+        f"Resume with: {resume_cmd} --resume")
+    return EXIT_INTERRUPTED if flag.signum == signal.SIGINT else 128 + flag.signum, None
+
+
+def _truncate(path: Path, size: int, progress: Progress) -> None:
+    """Cut metrics.jsonl back to ``size`` bytes (its length at the checkpoint)."""
+    if not path.exists():
+        if size:
+            progress.message(f"warning: {path} is missing; the resumed log starts mid-run")
+        return
+    current = path.stat().st_size
+    if current < size:
+        progress.message(f"warning: {path} is shorter than at the checkpoint; keeping it as is")
+        return
+    with open(path, "r+b") as f:
+        f.truncate(size)
