@@ -15,6 +15,17 @@ from jaxbn._state import init_state
 
 __version__ = '0.1.0'
 
+# The Flax wrappers import Flax, so they load on first use: `jaxbn.nnx`,
+# `jaxbn.linen`, `from jaxbn import nnx` and `import jaxbn.linen` all work.
+_SUBMODULES = ('linen', 'nnx')
+
+
+def __getattr__(name):
+  if name in _SUBMODULES:
+    import importlib
+    return importlib.import_module(f'{__name__}.{name}')
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
 __all__ = [
     'BatchNormState',
     'Moments',
