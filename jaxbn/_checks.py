@@ -20,17 +20,15 @@ RUNNING_VAR_CHOICES = ('biased', 'unbiased')
 
 def feature_shape_arg(num_features) -> tuple[int, ...]:
   shape = (num_features,) if isinstance(num_features, numbers.Integral) else num_features
-  try:
-    shape = tuple(int(n) for n in shape)
-  except TypeError:
+  if not isinstance(shape, Sequence) or isinstance(shape, str) or not all(
+      isinstance(n, numbers.Integral) for n in shape):
     raise TypeError(
-        'num_features must be an int or a tuple of ints, got '
-        f'{num_features!r}.') from None
+        f'num_features must be an int or a tuple of ints, got {num_features!r}.')
   if not shape or any(n < 1 for n in shape):
     raise ValueError(
         f'num_features must be >= 1, got {num_features!r}; pass the size of '
         'the feature axis, e.g. x.shape[-1].')
-  return shape
+  return tuple(int(n) for n in shape)
 
 
 def float_array(x, name: str = 'x') -> jax.Array:

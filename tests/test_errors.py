@@ -1,0 +1,56 @@
+"""Bad input gets a clear error at trace time that says how to fix it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbn
+
+X = np.ones((4, 3), np.float32)
+STATE = jaxbn.init_state(3)
+
+
+def bn(x=X, state=STATE, **kw):
+  kw.setdefault('training', True)
+  return jaxbn.batch_norm(x, state, **kw)
+
+
+@pytest.mark.parametrize('call,error,message', [
+    (lambda: bn(np.ones((4, 3), np.int32)), TypeError, r'astype\(jnp.float32\)'),
+    (lambda: bn(axis=2), ValueError, r'out of range .* \[-2, 1\]'),
+    (lambda: bn(axis=(0, 0)), ValueError, 'same axis twice'),
+    (lambda: bn(axis='features'), TypeError, 'int or a tuple'),
+    (lambda: bn(state=jaxbn.init_state(4)), ValueError, r'init_state\(3\)'),
+    (lambda: bn(state=(0, 1)), TypeError, 'BatchNormState'),
+    (lambda: bn(scale=jnp.ones(4)), ValueError, 'one value per feature'),
+    (lambda: bn(bias=jnp.ones(2)), ValueError, 'bias has shape'),
+    (lambda: bn(np.ones((1, 3), np.float32)), ValueError, 'more than 1 value per feature'),
+    (lambda: bn(momentum=1.5), ValueError, 'momentum=0.9 here'),
+    (lambda: bn(momentum=-0.1), ValueError, r'\[0, 1\]'),
+    (lambda: bn(epsilon=-1e-5), ValueError, 'epsilon must be'),
+    (lambda: bn(mask=np.ones((5, 3), bool)), ValueError, 'does not broadcast'),
+    (lambda: bn(mask=np.ones((4, 3), np.float32)), TypeError, 'boolean'),
+    (lambda: bn(running_var='sample'), ValueError, 'unbiased'),
+    (lambda: bn(training=1), TypeError, 'Python bool'),
+    (lambda: bn(axis_index_groups=[[0, 1]]), ValueError, 'needs axis_name'),
+    (lambda: jaxbn.init_state(0), ValueError, 'num_features must be >= 1'),
+    (lambda: jaxbn.init_state('3'), TypeError, 'num_features must be an int'),
+    (lambda: jaxbn.init_state(3, jnp.int32), TypeError, 'floating dtype'),
+    (lambda: jaxbn.batch_norm(X, STATE), TypeError, 'training'),
+])
+def test_bad_input(call, error, message):
+  with pytest.raises(error, match=message):
+    call()
+
+
+def test_errors_raise_at_trace_time_under_jit():
+  with pytest.raises(ValueError, match='more than 1 value'):
+    jax.jit(lambda x: bn(x))(np.ones((1, 3), np.float32))
+
+
+def test_batch_of_one_is_fine_in_eval_and_with_spatial_dims():
+  y, _ = bn(np.ones((1, 3), np.float32), training=False)
+  assert y.shape == (1, 3)
+  y, _ = bn(np.random.default_rng(0).standard_normal((1, 4, 4, 3)).astype(np.float32))
+  assert np.isfinite(y).all()

@@ -1,0 +1,128 @@
+"""Cross-device statistics on 8 simulated CPU devices (see conftest.py)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.test_util import check_grads
+
+import jaxbn
+
+NDEV = 8
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < NDEV, reason='needs 8 devices (XLA_FLAGS in conftest.py)')
+
+# Pooling reorders float32 sums; agreement to a few ulps of O(1) values.
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _batch(seed=0, per_device=6, features=5):
+  rng = np.random.default_rng(seed)
+  x = (rng.standard_normal((NDEV, per_device, features)) * 3 + 1).astype(np.float32)
+  # Uneven valid counts per device: device d keeps its first d + 1 rows.
+  rows = np.arange(per_device)[None, :, None] <= np.arange(NDEV)[:, None, None]
+  mask = np.broadcast_to(rows, x.shape)
+  return x, mask
+
+
+def _global_reference(x, mask, momentum=0.9):
+  flat_x, flat_m = x.reshape(-1, x.shape[-1]), mask.reshape(-1, x.shape[-1])
+  y, state = jaxbn.batch_norm(flat_x, jaxbn.init_state(x.shape[-1]), training=True,
+                              mask=flat_m, momentum=momentum, running_var='unbiased')
+  return y.reshape(x.shape), state
+
+
+def _step(x, mask, **kw):
+  return jaxbn.batch_norm(x, jaxbn.init_state(x.shape[-1]), training=True, mask=mask,
+                          momentum=0.9, running_var='unbiased', **kw)
+
+
+def test_shard_map_uneven_masks_equal_global_statistics():
+  x, mask = _batch()
+  mesh = Mesh(np.array(jax.devices()[:NDEV]), ('data',))
+  f = jax.shard_map(
+      lambda x, m: _step(x[0], m[0], axis_name='data'),
+      mesh=mesh, in_specs=(P('data'), P('data')), out_specs=(P('data'), P()),
+      check_vma=False)
+  y, state = jax.jit(f)(x, mask)
+  y_ref, ref = _global_reference(x, mask)
+  np.testing.assert_allclose(np.asarray(y).reshape(x.shape)[mask], y_ref[mask], **TOL)
+  np.testing.assert_allclose(state.mean, ref.mean, **TOL)
+  np.testing.assert_allclose(state.var, ref.var, **TOL)
+
+
+def test_pmean_of_device_means_would_be_wrong():
+  """The naive pooling differs: the test above can tell the two apart."""
+  x, mask = _batch()
+  per_device = [x[d][mask[d]].reshape(-1, x.shape[-1]).mean(0) for d in range(NDEV)]
+  _, ref = _global_reference(x, mask, momentum=0.0)
+  assert np.max(np.abs(np.mean(per_device, 0) - ref.mean)) > 1e-2
+
+
+def test_pmap_and_vmap_with_axis_name():
+  x, mask = _batch(seed=1)
+  y_ref, ref = _global_reference(x, mask)
+  for transform in (functools.partial(jax.pmap, axis_name='i'),
+                    functools.partial(jax.vmap, axis_name='i')):
+    y, state = transform(lambda x, m: _step(x, m, axis_name='i'))(x, mask)
+    np.testing.assert_allclose(np.asarray(y)[mask], y_ref[mask], **TOL)
+    for d in range(NDEV):
+      np.testing.assert_allclose(state.mean[d], ref.mean, **TOL)
+      np.testing.assert_allclose(state.var[d], ref.var, **TOL)
+
+
+def test_axis_index_groups_sync_within_groups():
+  x, mask = _batch(seed=2)
+  groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+  y, state = jax.pmap(lambda x, m: _step(x, m, axis_name='i', axis_index_groups=groups),
+                      axis_name='i')(x, mask)
+  for group in groups:
+    y_ref, ref = _global_reference(x[group], mask[group])
+    np.testing.assert_allclose(np.asarray(y)[group][mask[group]], y_ref[mask[group]], **TOL)
+    for d in group:
+      np.testing.assert_allclose(state.var[d], ref.var, **TOL)
+
+
+def test_jit_over_sharded_batch_needs_no_axis_name():
+  x, _ = _batch(seed=3)
+  flat = x.reshape(-1, x.shape[-1])
+  mesh = Mesh(np.array(jax.devices()[:NDEV]), ('data',))
+  sharded = jax.device_put(flat, NamedSharding(mesh, P('data')))
+  f = jax.jit(lambda x: jaxbn.batch_norm(x, jaxbn.init_state(5), training=True))
+  y, state = f(sharded)
+  y_ref, ref = f(flat)
+  np.testing.assert_allclose(y, y_ref, **TOL)
+  np.testing.assert_allclose(state.var, ref.var, **TOL)
+
+
+def test_one_collective_per_call():
+  x, mask = _batch()
+  mesh = Mesh(np.array(jax.devices()[:NDEV]), ('data',))
+  f = jax.shard_map(lambda x, m: _step(x[0], m[0], axis_name='data'), mesh=mesh,
+                    in_specs=(P('data'), P('data')), out_specs=(P('data'), P()),
+                    check_vma=False)
+  hlo = jax.jit(f).lower(x, mask).compile().as_text()
+  collectives = [op for op in ('all-gather', 'all-reduce', 'collective-permute')
+                 if f' {op}(' in hlo or f' {op}-start(' in hlo]
+  n = sum(hlo.count(f' {op}(') + hlo.count(f' {op}-start(') for op in collectives)
+  assert n == 1, collectives
+
+
+def test_gradients_with_axis_name():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((4, 3, 2)))
+    mask = jnp.asarray(rng.random((4, 3, 2)) > 0.2)
+    w = jnp.asarray(rng.standard_normal((4, 3, 2)))
+
+    def f(x):
+      def per_device(x, m, w):
+        y, s = jaxbn.batch_norm(x, jaxbn.init_state(2, jnp.float64), training=True,
+                                mask=m, axis_name='i')
+        return jnp.sum(jnp.where(m, y, 0) * w) + jnp.sum(s.var)
+      return jnp.sum(jax.vmap(per_device, axis_name='i')(x, mask, w))
+
+    check_grads(jax.jit(f), (x,), order=2, modes=('fwd', 'rev'))
