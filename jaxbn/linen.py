@@ -163,7 +163,7 @@ class BatchNorm(nn.Module):
     if self.is_initializing():
       # Statistics are computed for the output but not stored, and the mapped
       # axis need not exist yet. A dummy batch of one is fine here.
-      return self._init_output(x, state, axes, scale, bias, mask, out_dtype)
+      return _init_output(self, x, state, axes, scale, bias, mask, out_dtype)
 
     if not self.is_mutable_collection('batch_stats'):
       raise ValueError(
@@ -180,37 +180,11 @@ class BatchNorm(nn.Module):
         running_var=self.running_var,
         virtual_batch_size=self.virtual_batch_size, dtype=out_dtype)
     # Store with the dtypes Flax would produce (float32 stats by default).
-    ra_mean.value = new.mean.astype(self._stored_dtype(ra_mean.value, new.mean, x))
-    ra_var.value = new.var.astype(self._stored_dtype(ra_var.value, new.var, x))
+    ra_mean.value = new.mean.astype(_stored_dtype(self, ra_mean.value, new.mean, x))
+    ra_var.value = new.var.astype(_stored_dtype(self, ra_var.value, new.var, x))
     if ra_count is not None:
       ra_count.value = new.count
     return y
-
-  def _init_output(self, x, state, axes, scale, bias, mask, out_dtype):
-    ghost = self.virtual_batch_size
-    one_value = mask is None and _flax_common.values_per_feature(x.shape, axes) <= 1
-    ragged = isinstance(ghost, int) and ghost > 0 and x.shape[0] % ghost != 0
-    if not (one_value or ragged):
-      y, _ = batch_norm(
-          x, state, scale, bias, training=True, axis=axes,
-          momentum=self.momentum, epsilon=self.epsilon, mask=mask,
-          running_var=self.running_var, virtual_batch_size=ghost,
-          dtype=out_dtype)
-      return y
-    # Shape inference with a batch the layer cannot train on: plain batch
-    # statistics, as Flax would compute them.
-    m = moments(x, axes, mask=mask)
-    return normalize(x, m.mean, m.var, scale, bias, axis=axes,
-                     epsilon=self.epsilon, dtype=out_dtype)
-
-  def _stored_dtype(self, old, new, x):
-    if not self.force_float32_reductions:
-      # Flax keeps these statistics in the input's (or `dtype`'s) precision.
-      kind = jnp.dtype(self.dtype or x.dtype)
-      if not jnp.issubdtype(new.dtype, jnp.complexfloating):
-        kind = jnp.finfo(kind).dtype
-      return jnp.result_type(old.dtype, kind)
-    return new.dtype
 
 
 def apply_train(model: nn.Module, variables, *args, mutable=('batch_stats',), **kwargs):
@@ -251,3 +225,34 @@ def apply_train(model: nn.Module, variables, *args, mutable=('batch_stats',), **
   if isinstance(variables, frozen_dict.FrozenDict):
     return out, variables.copy(updates)
   return out, {**variables, **updates}
+
+
+# Helpers are plain functions, not methods: Linen's summary and interceptors
+# record and replay every method call of a module.
+
+def _init_output(mdl, x, state, axes, scale, bias, mask, out_dtype):
+  ghost = mdl.virtual_batch_size
+  one_value = mask is None and _flax_common.values_per_feature(x.shape, axes) <= 1
+  ragged = isinstance(ghost, int) and ghost > 0 and x.shape[0] % ghost != 0
+  if not (one_value or ragged):
+    y, _ = batch_norm(
+        x, state, scale, bias, training=True, axis=axes,
+        momentum=mdl.momentum, epsilon=mdl.epsilon, mask=mask,
+        running_var=mdl.running_var, virtual_batch_size=ghost,
+        dtype=out_dtype)
+    return y
+  # Shape inference with a batch the layer cannot train on: plain batch
+  # statistics, as Flax would compute them.
+  m = moments(x, axes, mask=mask)
+  return normalize(x, m.mean, m.var, scale, bias, axis=axes,
+                   epsilon=mdl.epsilon, dtype=out_dtype)
+
+
+def _stored_dtype(mdl, old, new, x):
+  if not mdl.force_float32_reductions:
+    # Flax keeps these statistics in the input's (or `dtype`'s) precision.
+    kind = jnp.dtype(mdl.dtype or x.dtype)
+    if not jnp.issubdtype(new.dtype, jnp.complexfloating):
+      kind = jnp.finfo(kind).dtype
+    return jnp.result_type(old.dtype, kind)
+  return new.dtype

@@ -204,7 +204,7 @@ class BatchNorm(nnx.Module):
     x, mean, var, scale, bias = self.promote_dtype(
         (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
     out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
-    count = self.count[...] if self._has_count() else jnp.zeros((), jnp.int32)
+    count = self.count[...] if _has_count(self) else jnp.zeros((), jnp.int32)
 
     if use_running_average:
       # Flax normalizes with the promoted statistics in evaluation.
@@ -213,7 +213,7 @@ class BatchNorm(nnx.Module):
                         epsilon=self.epsilon, mask=mask, dtype=out_dtype)
       return y
 
-    if self.momentum is None and not self._has_count():
+    if self.momentum is None and not _has_count(self):
       raise ValueError(
           'momentum=None (cumulative average) needs the `count` BatchStat, '
           'which is created only when the layer is built with momentum=None; '
@@ -232,12 +232,9 @@ class BatchNorm(nnx.Module):
     new = jax.lax.stop_gradient(new)
     self.mean[...] = new.mean.reshape(self.mean.shape)
     self.var[...] = new.var.reshape(self.var.shape)
-    if self._has_count():
+    if _has_count(self):
       self.count[...] = new.count
     return y
-
-  def _has_count(self) -> bool:
-    return isinstance(getattr(self, 'count', None), nnx.BatchStat)
 
   def set_view(
       self,
@@ -251,6 +248,14 @@ class BatchNorm(nnx.Module):
     """
     if use_running_average is not None:
       self.use_running_average = use_running_average
+
+
+# Helpers are plain functions, not methods: nnx.tabulate records every method
+# call of a module.
+
+
+def _has_count(layer) -> bool:
+  return isinstance(getattr(layer, 'count', None), nnx.BatchStat)
 
 
 def _check_num_features(num_features) -> None:
