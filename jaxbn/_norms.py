@@ -1,0 +1,200 @@
+"""Layer, group and instance normalization on the same stable moments.
+
+These differ from batch norm only in which axes the statistics cover, so
+they reuse ``reduce_moments`` (shifted sums: right even when ``|mean|/std``
+is large, where ``E[x^2] - E[x]^2`` fails) and ``normalize``. They have no
+running state: training and inference compute the same function.
+
+Semantics follow ``flax.linen.LayerNorm``, ``GroupNorm`` and
+``InstanceNorm`` (same axes, defaults and parameter shapes), except that the
+output has ``x``'s dtype unless ``dtype`` is given (Flax promotes it with
+the parameters' dtype).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbn import _checks
+from jaxbn._functional import normalize
+from jaxbn._moments import reduce_moments
+
+
+def layer_norm(x, scale=None, bias=None, *, reduction_axes=-1, feature_axes=-1,
+               epsilon=1e-6, mask=None, dtype=None):
+  """Layer normalization: statistics over ``reduction_axes`` of each example.
+
+  ``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` with ``mean`` and
+  biased ``var`` over ``reduction_axes`` (like ``flax.linen.LayerNorm``),
+  and ``scale``/``bias`` of shape ``[x.shape[a] for a in feature_axes]``.
+
+  Args:
+    x: input, float (or complex); statistics accumulate in float32 or wider.
+    scale, bias: optional affine parameters over ``feature_axes``.
+    reduction_axes: axis or axes the statistics are taken over.
+    feature_axes: axis or axes ``scale`` and ``bias`` vary along.
+    epsilon: added to the variance before the square root.
+    mask: boolean, broadcastable to ``x``; ``False`` entries take no part in
+      the statistics (they may hold NaN) and get no gradient.
+    dtype: dtype of the result (default ``x.dtype``).
+
+  Example:
+    >>> import jax.numpy as jnp, jaxbn
+    >>> x = jnp.array([[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]])
+    >>> jaxbn.layer_norm(x).round(3)
+    Array([[-1.225,  0.   ,  1.225],
+           [-1.225,  0.   ,  1.225]], dtype=float32)
+  """
+  x = _checks.float_array(x)
+  reduction_axes = _checks.canonical_axes(reduction_axes, x.ndim, 'reduction_axes')
+  feature_axes = _checks.canonical_axes(feature_axes, x.ndim, 'feature_axes')
+  mask = _prepare(x, scale, bias, feature_axes, epsilon, mask)
+  return _normalize_over(x, reduction_axes, scale, bias, feature_axes,
+                         epsilon=epsilon, mask=mask, dtype=dtype)
+
+
+def instance_norm(x, scale=None, bias=None, *, feature_axes=-1, epsilon=1e-6,
+                  mask=None, dtype=None):
+  """Instance normalization: statistics per example and per feature.
+
+  Reduces every axis but the batch axis (0) and ``feature_axes``, e.g. the
+  spatial axes of an NHWC image, like ``flax.linen.InstanceNorm``.
+
+  Example:
+    >>> import jax, jaxbn
+    >>> x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3)) * 5.0 + 2.0
+    >>> y = jaxbn.instance_norm(x)
+    >>> bool(abs(y.mean(axis=(1, 2))).max() < 1e-5)
+    True
+  """
+  x = _checks.float_array(x)
+  feature_axes = _checks.canonical_axes(feature_axes, x.ndim, 'feature_axes')
+  if x.ndim < 2 or 0 in feature_axes:
+    raise ValueError(
+        f'instance_norm needs a batch axis 0 and feature_axes={feature_axes} '
+        f'elsewhere, got an input of shape {x.shape}; put the batch first '
+        '(e.g. NHWC with feature_axes=-1).')
+  reduction_axes = tuple(a for a in range(1, x.ndim) if a not in feature_axes)
+  mask = _prepare(x, scale, bias, feature_axes, epsilon, mask)
+  return _normalize_over(x, reduction_axes, scale, bias, feature_axes,
+                         epsilon=epsilon, mask=mask, dtype=dtype)
+
+
+def group_norm(x, scale=None, bias=None, *, num_groups=32, group_size=None,
+               epsilon=1e-6, mask=None, dtype=None):
+  """Group normalization (Wu & He, 2018), channels last.
+
+  The last axis (``C`` channels) is split into ``num_groups`` groups of
+  ``group_size = C // num_groups`` consecutive channels; statistics cover one
+  group of one example: every axis but the batch axis 0. ``scale`` and
+  ``bias`` have shape ``(C,)``. Like ``flax.linen.GroupNorm``, give either
+  ``num_groups`` or ``group_size`` (then ``num_groups=None``).
+
+  Example:
+    >>> import jax, jaxbn
+    >>> x = jax.random.normal(jax.random.key(0), (2, 4, 4, 6))
+    >>> y = jaxbn.group_norm(x, num_groups=3)
+    >>> y.reshape(2, 16, 3, 2).std(axis=(1, 3)).round(2)
+    Array([[1., 1., 1.],
+           [1., 1., 1.]], dtype=float32)
+  """
+  x = _checks.float_array(x)
+  if x.ndim < 2:
+    raise ValueError(
+        f'group_norm needs a batch axis 0 and channels last, got an input of '
+        f'shape {x.shape}; add the batch axis, e.g. x[None].')
+  channels = x.shape[-1]
+  groups = _num_groups(channels, num_groups, group_size)
+  mask = _prepare(x, scale, bias, (x.ndim - 1,), epsilon, mask)
+  grouped_shape = x.shape[:-1] + (groups, channels // groups)
+  xg = x.reshape(grouped_shape)
+  mg = None if mask is None else mask.reshape(grouped_shape)
+  # Statistics per (example, group): reduce all but axis 0 and the group axis.
+  reduction_axes = tuple(a for a in range(1, xg.ndim) if a != xg.ndim - 2)
+  stats = reduce_moments(xg, reduction_axes, mask=mg)
+  kept = (0, xg.ndim - 2)
+
+  def apply(x):
+    y = normalize(x.reshape(grouped_shape), stats.mean, stats.var, axis=kept,
+                  epsilon=epsilon, dtype=_compute_dtype(x, stats.mean))
+    return _affine(y.reshape(x.shape), scale, bias, (x.ndim - 1,))
+
+  return _masked(apply, x, mask).astype(dtype or x.dtype)
+
+
+def _normalize_over(x, reduction_axes, scale, bias, feature_axes, *, epsilon,
+                    mask, dtype):
+  stats = reduce_moments(x, reduction_axes, mask=mask)
+  kept = tuple(a for a in range(x.ndim) if a not in reduction_axes)
+
+  def apply(x):
+    y = normalize(x, stats.mean, stats.var, axis=kept, epsilon=epsilon,
+                  dtype=_compute_dtype(x, stats.mean))
+    return _affine(y, scale, bias, feature_axes)
+
+  return _masked(apply, x, mask).astype(dtype or x.dtype)
+
+
+def _masked(apply, x, mask):
+  """``apply(x)`` where masked-out entries reach no gradient (NaN-safe).
+
+  Their outputs are still computed (as in Flax), behind ``stop_gradient``;
+  the differentiable branch sees zeros there, so ``0 * NaN`` never happens.
+  """
+  if mask is None:
+    return apply(x)
+  live = apply(jnp.where(mask, x, 0))
+  return jnp.where(mask, live, lax.stop_gradient(apply(x)))
+
+
+def _affine(y, scale, bias, feature_axes):
+  shape = tuple(d if i in feature_axes else 1 for i, d in enumerate(y.shape))
+  if scale is not None:
+    y = y * jnp.reshape(scale, shape)
+  if bias is not None:
+    y = y + jnp.reshape(bias, shape)
+  return y
+
+
+def _compute_dtype(x, stats):
+  # Keep the statistics' precision until the final cast (bf16 inputs).
+  return jnp.result_type(x.dtype, stats.dtype)
+
+
+def _prepare(x, scale, bias, feature_axes, epsilon, mask):
+  feature_shape = tuple(x.shape[a] for a in feature_axes)
+  _checks.param_matches(scale, 'scale', feature_shape)
+  _checks.param_matches(bias, 'bias', feature_shape)
+  _checks.epsilon(epsilon)
+  return None if mask is None else _checks.mask_for(mask, x.shape)
+
+
+def _num_groups(channels, num_groups, group_size) -> int:
+  for name, v in (('num_groups', num_groups), ('group_size', group_size)):
+    if v is not None and (not isinstance(v, numbers.Integral) or v < 1):
+      raise ValueError(f'{name} must be a positive int or None, got {v!r}.')
+  if num_groups is None and group_size is None:
+    raise ValueError('group_norm needs num_groups or group_size; give one of them.')
+  if group_size is not None:
+    if channels % group_size:
+      raise ValueError(
+          f'group_size={group_size} does not divide the {channels} channels '
+          f'(last axis); use a divisor of {channels}: {_divisors(channels)}.')
+    if num_groups is not None and num_groups * group_size != channels:
+      raise ValueError(
+          f'num_groups={num_groups} and group_size={group_size} disagree for '
+          f'{channels} channels; pass num_groups=None to use group_size.')
+    return channels // group_size
+  if channels % num_groups:
+    raise ValueError(
+        f'num_groups={num_groups} does not divide the {channels} channels '
+        f'(last axis); use a divisor of {channels}: {_divisors(channels)}, '
+        'or give group_size=... with num_groups=None.')
+  return num_groups
+
+
+def _divisors(n):
+  return [d for d in range(1, n + 1) if n % d == 0]
