@@ -112,7 +112,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation,
             state.params, state.model_state, x, y)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
 
         # NaN/Inf guard: a non-finite loss or gradient leaves params, optimizer
         # and running statistics as they were (a select, not a branch, so the

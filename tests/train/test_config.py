@@ -1,0 +1,69 @@
+import dataclasses
+
+import pytest
+
+from train import config
+from train.config import Config, ConfigError, parse_args
+
+
+def test_defaults_are_the_digits_defaults(monkeypatch):
+    monkeypatch.delenv("JAXBN_DATA", raising=False)
+    cfg = parse_args([])
+    assert (cfg.dataset, cfg.model, cfg.norm, cfg.optimizer, cfg.schedule) == (
+        "digits", "cnn", "batch", "adam", "cosine")
+    d = config.DATASET_DEFAULTS["digits"]
+    assert (cfg.epochs, cfg.batch_size, cfg.lr) == (d["epochs"], d["batch_size"], d["lr"])
+    assert cfg.out == "runs/digits-cnn-batch-seed0"
+    assert cfg.data_dir is None
+
+
+def test_dataset_defaults_differ_and_explicit_values_win():
+    mnist = parse_args(["--dataset", "mnist"])
+    assert mnist.epochs == config.DATASET_DEFAULTS["mnist"]["epochs"]
+    assert mnist.batch_size != parse_args([]).batch_size
+    cfg = parse_args(["--dataset", "mnist", "--epochs", "7", "--batch-size", "64", "--lr", "0.1"])
+    assert (cfg.epochs, cfg.batch_size, cfg.lr) == (7, 64, 0.1)
+
+
+def test_data_dir_falls_back_to_environment(monkeypatch):
+    monkeypatch.setenv("JAXBN_DATA", "/some/where")
+    assert parse_args([]).data_dir == "/some/where"
+    assert parse_args(["--data-dir", "/else"]).data_dir == "/else"
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        parse_args([]).epochs = 3
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--norm", "bogus"], "invalid choice: 'bogus'"),
+    (["--dataset", "cifar"], "invalid choice: 'cifar'"),
+    (["--model", "vit"], "invalid choice: 'vit'"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--epochs", "-3"], "--epochs must be at least 1"),
+    (["--epochs", "two"], "expected an integer"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--devices", "0"], "--devices must be at least 1"),
+    (["--batch-size", "30", "--devices", "4"], "not divisible by --devices 4"),
+    (["--batch-size", "1"], "at least 2 examples"),
+    (["--no-such-flag"], "unrecognized arguments"),
+])
+def test_bad_values_raise_one_line_config_errors(argv, fragment):
+    with pytest.raises(ConfigError) as info:
+        parse_args(argv)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_batch_size_one_is_fine_without_batch_statistics():
+    assert parse_args(["--batch-size", "1", "--norm", "layer"]).batch_size == 1
+
+
+def test_command_line_reproduces_the_config():
+    cfg = parse_args(["--model", "mlp", "--norm", "none", "--epochs", "2", "--seed", "3",
+                      "--out", "/tmp/x y"])
+    argv = __import__("shlex").split(cfg.command_line())[3:]
+    assert parse_args(argv) == cfg
+    assert cfg.training_dict()["seed"] == 3

@@ -1,0 +1,175 @@
+import gzip
+import shutil
+import struct
+
+import numpy as np
+import pytest
+
+from train import data
+from train.data import DataError
+
+
+# ---------------------------------------------------------------- digits
+
+def test_digits_split_is_fixed_stratified_and_standardized():
+    a, b = data.load_digits(), data.load_digits()
+    assert a.x_train.shape == (1437, 8, 8, 1) and a.x_test.shape == (360, 8, 8, 1)
+    assert a.x_train.dtype == np.float32 and a.y_train.dtype == np.int32
+    np.testing.assert_array_equal(a.x_test, b.x_test)
+    np.testing.assert_array_equal(a.y_train, b.y_train)
+    assert abs(float(a.x_train.mean())) < 1e-4 and abs(float(a.x_train.std()) - 1) < 1e-4
+    counts = np.bincount(a.y_test, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # stratified: ~36 per class
+
+
+# ---------------------------------------------------------------- batching
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    p = data.epoch_permutation(3, 1, 100)
+    np.testing.assert_array_equal(p, data.epoch_permutation(3, 1, 100))
+    assert sorted(p) == list(range(100))
+    assert not np.array_equal(p, data.epoch_permutation(3, 2, 100))
+    assert not np.array_equal(p, data.epoch_permutation(4, 1, 100))
+
+
+def test_train_batches_drop_the_partial_batch_and_resume_mid_epoch():
+    x = np.arange(103, dtype=np.float32)[:, None]
+    y = np.arange(103, dtype=np.int32)
+    full = list(data.train_batches(x, y, 10, seed=0, epoch=0))
+    assert len(full) == 10 and all(len(xb) == 10 for xb, _ in full)
+    seen = np.concatenate([yb for _, yb in full])
+    assert len(set(seen.tolist())) == 100  # no repeats, 3 examples left out
+    tail = list(data.train_batches(x, y, 10, seed=0, epoch=0, start=4))
+    for (xa, ya), (xb, yb) in zip(full[4:], tail):
+        np.testing.assert_array_equal(ya, yb)
+    assert len(tail) == 6
+
+
+def test_eval_batches_cover_every_example_once_with_a_mask():
+    x = np.arange(25, dtype=np.float32)[:, None]
+    y = np.arange(25, dtype=np.int32)
+    batches = list(data.eval_batches(x, y, 10))
+    assert [len(b[0]) for b in batches] == [10, 10, 10]
+    valid = np.concatenate([yb[m] for _, yb, m in batches])
+    np.testing.assert_array_equal(valid, y)
+    assert batches[-1][2].sum() == 5
+
+
+def test_limit_train_keeps_the_test_set_whole():
+    d = data.load("digits", limit_train=100)
+    assert len(d.x_train) == 100 and len(d.x_test) == 360
+
+
+# ---------------------------------------------------------------- IDX files
+
+def _idx_bytes(magic, dims, payload: bytes) -> bytes:
+    return struct.pack(">I", magic) + struct.pack(">" + "I" * len(dims), *dims) + payload
+
+
+def test_real_mnist_files_parse_and_match_the_published_facts(data_dir):
+    d = data.load_idx_dataset("mnist", str(data_dir))
+    assert d.x_train.shape == (60000, 28, 28, 1) and d.x_test.shape == (10000, 28, 28, 1)
+    assert d.y_train[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    assert np.bincount(d.y_test).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert abs(float(d.x_train.mean())) < 1e-3 and abs(float(d.x_train.std()) - 1) < 1e-3
+
+
+def test_real_fashion_labels_parse(data_dir):
+    labels = data.read_idx(data_dir / "fashion-mnist" / "train-labels-idx1-ubyte.gz",
+                           kind="labels", count=60000,
+                           md5=data.MD5["fashion-mnist"]["train-labels-idx1-ubyte.gz"])
+    assert labels[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
+    assert np.bincount(labels).tolist() == [6000] * 10
+
+
+def test_parse_idx_accepts_a_small_valid_file(tmp_path):
+    imgs = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    raw = gzip.compress(_idx_bytes(2051, (2, 28, 28), imgs.tobytes()))
+    out = data.parse_idx(raw, "x.gz", kind="images", count=2)
+    np.testing.assert_array_equal(out, imgs)
+
+
+@pytest.fixture
+def mnist_copy(tmp_path, data_dir):
+    """A private copy of the MNIST folder (corruptions never touch the shared one)."""
+    dst = tmp_path / "data" / "mnist"
+    shutil.copytree(data_dir / "mnist", dst)
+    for f in dst.iterdir():
+        f.chmod(0o644)
+    return dst
+
+
+def _rewrite(path, transform):
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(transform(raw), compresslevel=1))
+
+
+def test_truncated_content_names_the_file_sizes_and_fix(mnist_copy):
+    f = mnist_copy / "t10k-labels-idx1-ubyte.gz"
+    _rewrite(f, lambda raw: raw[:-7])
+    with pytest.raises(DataError) as info:
+        data.load_idx_dataset("mnist", str(mnist_copy.parent))
+    msg = str(info.value)
+    assert str(f) in msg and "truncated" in msg
+    assert "expected 10008 bytes after decompression, got 10001" in msg
+    assert "--download" in msg
+
+
+def test_truncated_gzip_stream(mnist_copy):
+    f = mnist_copy / "train-labels-idx1-ubyte.gz"
+    f.write_bytes(f.read_bytes()[:5000])
+    with pytest.raises(DataError, match="truncated") as info:
+        data.load_idx_dataset("mnist", str(mnist_copy.parent))
+    assert str(f) in str(info.value)
+
+
+def test_not_gzip_at_all(mnist_copy):
+    f = mnist_copy / "t10k-labels-idx1-ubyte.gz"
+    f.write_bytes(b"<html>not found</html>" * 10)
+    with pytest.raises(DataError, match="not a valid gzip file"):
+        data.load_idx_dataset("mnist", str(mnist_copy.parent))
+
+
+def test_wrong_magic_says_what_the_file_is(mnist_copy):
+    labels = mnist_copy / "t10k-labels-idx1-ubyte.gz"
+    images = mnist_copy / "t10k-images-idx3-ubyte.gz"
+    labels.write_bytes(images.read_bytes())  # an images file under a labels name
+    with pytest.raises(DataError) as info:
+        data.load_idx_dataset("mnist", str(mnist_copy.parent))
+    msg = str(info.value)
+    assert str(labels) in msg and "magic number 2051" in msg and "need 2049" in msg
+
+
+def test_wrong_item_count(mnist_copy):
+    f = mnist_copy / "t10k-labels-idx1-ubyte.gz"
+    _rewrite(f, lambda raw: raw[:4] + struct.pack(">I", 9999) + raw[8:-1])
+    with pytest.raises(DataError, match="holds 9999 labels but 10000 are expected"):
+        data.load_idx_dataset("mnist", str(mnist_copy.parent))
+
+
+def test_wrong_checksum_with_intact_structure(mnist_copy):
+    f = mnist_copy / "t10k-labels-idx1-ubyte.gz"
+    # Change one label to another valid one: every structural check passes,
+    # only the MD5 can tell.
+    _rewrite(f, lambda raw: raw[:-1] + bytes([(raw[-1] + 1) % 10]))
+    with pytest.raises(DataError) as info:
+        data.load_idx_dataset("mnist", str(mnist_copy.parent))
+    msg = str(info.value)
+    assert str(f) in msg and "fails its checksum" in msg
+    assert data.MD5["mnist"]["t10k-labels-idx1-ubyte.gz"] in msg
+
+
+def test_missing_file_and_missing_folder(tmp_path, mnist_copy):
+    (mnist_copy / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz is missing; pass --download"):
+        data.load_idx_dataset("mnist", str(mnist_copy.parent))
+    with pytest.raises(DataError, match="fashion-mnist is not a folder"):
+        data.load_idx_dataset("fashion-mnist", str(mnist_copy.parent))
+    with pytest.raises(DataError, match="pass --data-dir DIR or set JAXBN_DATA"):
+        data.load("mnist", None)
+
+
+def test_loading_never_writes_into_the_data_folder(mnist_copy):
+    before = {p.name: p.stat().st_mtime_ns for p in mnist_copy.iterdir()}
+    data.load("mnist", str(mnist_copy.parent), limit_train=10)
+    assert {p.name: p.stat().st_mtime_ns for p in mnist_copy.iterdir()} == before

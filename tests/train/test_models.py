@@ -1,0 +1,82 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from train import models, steps
+
+MODELS = ("cnn", "mlp", "resnet")
+NORMS = ("batch", "none", "layer", "group")
+
+
+def _variables(model, kind):
+    return jax.tree.leaves(nnx.state(model, kind))
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("shape", [(8, 8, 1), (28, 28, 1)])
+def test_models_map_nhwc_images_to_ten_logits(name, shape):
+    model = models.build_model(name, shape, norm="batch", seed=0)
+    out = model(jnp.ones((3,) + shape))
+    assert out.shape == (3, 10) and bool(jnp.all(jnp.isfinite(out)))
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("norm", NORMS)
+def test_the_norm_factory_swaps_every_layer(name, norm):
+    model = models.build_model(name, (8, 8, 1), norm=norm, seed=0)
+    norms = [m for _, m in nnx.iter_graph(model)
+             if isinstance(m, (models.BatchNorm, nnx.LayerNorm, nnx.GroupNorm))]
+    expected = {"batch": models.BatchNorm, "layer": nnx.LayerNorm,
+                "group": nnx.GroupNorm}.get(norm)
+    if expected is None:
+        assert norms == [] and _variables(model, nnx.BatchStat) == []
+    else:
+        assert norms and all(type(m) is expected for m in norms)
+    has_stats = bool(_variables(model, nnx.BatchStat))
+    assert has_stats == (norm == "batch")
+
+
+def test_conv_bias_is_dropped_only_when_the_norm_shifts():
+    with_bn = models.build_model("cnn", (8, 8, 1), norm="batch", seed=0)
+    without = models.build_model("cnn", (8, 8, 1), norm="none", seed=0)
+    assert with_bn.block1.conv.bias is None
+    assert without.block1.conv.bias is not None
+
+
+def test_same_seed_same_weights_different_seed_different():
+    a = nnx.state(models.build_model("mlp", (8, 8, 1), norm="batch", seed=1), nnx.Param)
+    b = nnx.state(models.build_model("mlp", (8, 8, 1), norm="batch", seed=1), nnx.Param)
+    c = nnx.state(models.build_model("mlp", (8, 8, 1), norm="batch", seed=2), nnx.Param)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c)))
+
+
+def test_eval_graphdef_uses_running_statistics():
+    model = models.build_model("mlp", (8, 8, 1), norm="batch", seed=0)
+    graphdefs, params, rest = steps.split_model(model)
+    x = np.random.default_rng(0).normal(size=(16, 8, 8, 1)).astype(np.float32)
+    evaluate = lambda xb: nnx.merge(graphdefs.eval, params, rest, copy=True)(xb)
+    # With running statistics an example's output does not depend on its batch.
+    np.testing.assert_allclose(evaluate(x)[:4], evaluate(x[:4]), rtol=1e-5, atol=1e-6)
+    train = nnx.merge(graphdefs.train, params, rest, copy=True)
+    assert not np.allclose(train(x)[:4], train(x[:4]), atol=1e-3)
+
+
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
+def test_mlp_depth_width_activation(activation):
+    model = models.MLP((8, 8, 1), norm="none", rngs=nnx.Rngs(0), depth=2, width=7,
+                       activation=activation)
+    assert len(model.layers) == 2 and model.layers[1].linear.kernel.shape == (7, 7)
+
+
+@pytest.mark.parametrize("kind", ["ghost", "renorm"])
+def test_unavailable_norms_fail_early_with_a_clear_message(kind):
+    try:
+        models.check_norm_available(kind)
+    except models.NormUnavailable as e:
+        assert f"--norm {kind} is not yet available" in str(e)
+    else:  # the library provides it: then it must build and run
+        model = models.build_model("mlp", (8, 8, 1), norm=kind, seed=0)
+        assert model(jnp.ones((32, 8, 8, 1))).shape == (32, 10)

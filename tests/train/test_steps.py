@@ -1,0 +1,127 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from train import models, steps
+
+
+def _setup(norm="batch", lr=1e-2):
+    model = models.build_model("mlp", (8, 8, 1), norm=norm, seed=0, mlp_width=16, mlp_depth=2)
+    graphdefs, params, rest = steps.split_model(model)
+    schedule = steps.make_schedule("constant", lr, 100)
+    tx = steps.make_optimizer("adam", schedule)
+    state = steps.init_state(params, rest, tx, seed=0)
+    train_step = jax.jit(steps.make_train_step(graphdefs.train, tx, schedule))
+    eval_step = jax.jit(steps.make_eval_step(graphdefs.eval))
+    return state, train_step, eval_step
+
+
+@pytest.fixture(scope="module")
+def bn_setup():
+    # Built and compiled once for the module: every step here is pure, so
+    # tests can share the initial state.
+    return _setup()
+
+
+def _batch(seed=0, n=32):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, 8, 8, 1)).astype(np.float32),
+            rng.integers(0, 10, n).astype(np.int32))
+
+
+def _copy(tree):
+    return jax.tree.map(lambda a: np.array(a), tree)
+
+
+def _equal(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_train_step_learns_a_fixed_batch_and_updates_running_stats(bn_setup):
+    state, train_step, _ = bn_setup
+    batch = _batch()
+    stats0 = _copy(state.model_state)
+    losses = []
+    for _ in range(30):
+        state, m = train_step(state, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.5 * losses[0]
+    assert int(state.step) == 30 and int(state.bad_steps) == 0
+    assert not _equal(stats0, state.model_state)
+
+
+def test_train_step_is_pure(bn_setup):
+    state, train_step, _ = bn_setup
+    a, ma = train_step(state, _batch())
+    b, mb = train_step(state, _batch())
+    assert _equal(a, b) and float(ma["loss"]) == float(mb["loss"])
+
+
+def test_nan_batch_leaves_params_optimizer_and_stats_unchanged(bn_setup):
+    state, train_step, _ = bn_setup
+    state, _ = train_step(state, _batch(0))
+    before = _copy(state)
+    x, y = _batch(1)
+    x[3, 2, 2, 0] = np.nan
+    for expected_bad in (1, 2, 3):
+        state, m = train_step(state, (x, y))
+        assert not bool(m["finite"]) and int(m["bad_steps"]) == expected_bad
+    assert _equal(before.params, state.params)
+    assert _equal(before.opt_state, state.opt_state)
+    assert _equal(before.model_state, state.model_state)
+    assert int(state.step) == int(before.step)  # no update was applied
+    # A good step resets the consecutive count and trains again.
+    state, m = train_step(state, _batch(2))
+    assert bool(m["finite"]) and int(m["bad_steps"]) == 0
+    assert not _equal(before.params, state.params)
+
+
+def test_inf_gradient_is_caught_too():
+    state, train_step, _ = _setup(norm="none")
+    x, y = _batch()
+    x[0, 0, 0, 0] = np.inf
+    new, m = train_step(state, (x, y))
+    assert not bool(m["finite"])
+    assert _equal(state.params, new.params)
+
+
+def test_eval_step_ignores_padding(bn_setup):
+    state, _, eval_step = bn_setup
+    x, y = _batch(n=10)
+    full = eval_step(state, (x, y, np.ones(10, bool)))
+    junk_x = np.concatenate([x, np.full((6, 8, 8, 1), 1e3, np.float32)])
+    junk_y = np.concatenate([y, np.zeros(6, np.int32)])
+    mask = np.arange(16) < 10
+    padded = eval_step(state, (junk_x, junk_y, mask))
+    assert float(padded["count"]) == 10
+    np.testing.assert_allclose(float(padded["loss_sum"]), float(full["loss_sum"]), rtol=1e-6)
+    assert float(padded["correct"]) == float(full["correct"])
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd", "adamw"])
+def test_optimizers_and_weight_decay_mask(name):
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
+    tx = steps.make_optimizer(name, optax.constant_schedule(0.1), weight_decay=0.5)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    # With zero gradients only decay moves anything, and only the kernel.
+    assert float(jnp.abs(updates["bias"]).max()) == 0.0
+    assert float(jnp.abs(updates["kernel"]).max()) > 0.0
+
+
+@pytest.mark.parametrize("name", ["cosine", "onecycle", "constant"])
+def test_schedules_peak_at_lr(name):
+    schedule = steps.make_schedule(name, 0.1, 200)
+    values = np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(201)))
+    assert values.max() == pytest.approx(0.1, rel=1e-3)
+    if name != "constant":
+        assert values[-1] < 0.01 and values[0] < 0.1
+
+
+def test_make_mesh_rejects_more_devices_than_visible():
+    assert steps.make_mesh(1) is None
+    with pytest.raises(ValueError, match="--devices 999 but only"):
+        steps.make_mesh(999)
