@@ -1,0 +1,315 @@
+"""Precise batch norm (Wu & Johnson, 2021): exact population statistics.
+
+The exponential moving average kept during training is a poor estimate of
+the population statistics when the weights still move or when training is
+short: it over-weights the last batches, computed with older weights for the
+earlier ones. Precise BN recomputes the statistics after training, with the
+final weights, as a true average over ``N`` batches.
+
+Per layer, with batch means ``mu_b`` and (biased) variances ``var_b`` from
+the forward pass in training mode, the result is the statistics of all
+``N`` batches pooled, which is the paper's estimate:
+
+    mean = E_b[mu_b]
+    var  = E_b[var_b] + Var_b(mu_b)  ( = E_b[var_b + mu_b^2] - mean^2 )
+
+i.e. the exact mean and biased variance of every sample seen (for batches of
+equal size). Note it is not the plain average ``E_b[var_b]`` (which misses
+the spread of the batch means, ``Var_b(mu_b)``, about ``var / batch_size``).
+Batches are pooled exactly, with Chan et al.'s formula, count-weighted when
+the counts are known (:func:`precise_batch_stats` with ``Moments``) and
+equally weighted otherwise (the model-level helpers).
+
+Which inputs the layers see: later layers see earlier ones normalized with
+batch statistics (training mode), as during training.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+
+from jaxbn._moments import Moments
+from jaxbn._moments import _abs2
+
+
+def merge_moments(a: Moments, b: Moments) -> Moments:
+  """Statistics of two sample sets pooled: exact, count-weighted.
+
+  ``var`` is the biased variance of the union. A set with ``count == 0``
+  leaves the other unchanged.
+
+  Example:
+    >>> import jax.numpy as jnp, jaxbn
+    >>> a = jaxbn.moments(jnp.array([[1.0], [3.0]]))
+    >>> b = jaxbn.moments(jnp.array([[5.0], [7.0], [9.0]]))
+    >>> m = jaxbn.merge_moments(a, b)
+    >>> m.mean, m.var, m.count
+    (Array([5.], dtype=float32), Array([8.], dtype=float32), Array([5.], dtype=float32))
+  """
+  count = a.count + b.count
+  safe = jnp.maximum(count, 1.0)
+  wa, wb = a.count / safe, b.count / safe
+  delta = b.mean - a.mean
+  mean = a.mean + wb * delta
+  var = wa * a.var + wb * b.var + wa * wb * _abs2(delta)
+  return Moments(mean=mean, var=var, count=count)
+
+
+def precise_batch_stats(batch_stats_fn: Callable[[Any], Any], batches: Iterable,
+                        *, num_batches: int | None = None):
+  """Pools per-layer batch statistics over ``num_batches`` batches.
+
+  The functional core of precise BN: ``batch_stats_fn(batch)`` returns a
+  pytree whose nodes are per-layer statistics of that batch (``Moments``,
+  e.g. from :func:`jaxbn.moments`, are pooled count-weighted; anything else
+  with ``mean`` and ``var``, e.g. the ``BatchNormState`` returned by a
+  ``batch_norm(..., training=True, momentum=0.0)``, counts once per batch).
+  Returns the same tree with ``Moments`` of the pooled statistics; write them
+  into the states with ``state._replace(mean=m.mean, var=m.var)``.
+
+  Args:
+    batch_stats_fn: ``batch -> pytree of statistics``; jit it for speed.
+    batches: an iterable of batches, e.g. the training data loader.
+    num_batches: use at most this many batches (default: all).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> data = [jax.random.normal(jax.random.key(i), (16, 3)) for i in range(4)]
+    >>> stats = jaxbn.precise_batch_stats(lambda x: {'bn': jaxbn.moments(x)}, data)
+    >>> bool(jnp.allclose(stats['bn'].mean, jnp.concatenate(data).mean(0), atol=1e-6))
+    True
+  """
+  total = None
+  for batch in _take(batches, num_batches):
+    stats = jax.tree.map(_as_moments, batch_stats_fn(batch), is_leaf=_is_stats)
+    total = stats if total is None else jax.tree.map(
+        merge_moments, total, stats, is_leaf=_is_stats)
+  if total is None:
+    raise ValueError('precise_batch_stats got no batches; pass a non-empty iterable.')
+  return total
+
+
+def _is_stats(node) -> bool:
+  return hasattr(node, 'mean') and hasattr(node, 'var') and not isinstance(node, dict)
+
+
+def _as_moments(node) -> Moments:
+  if isinstance(node, Moments):
+    return node
+  var = jnp.asarray(node.var)
+  return Moments(mean=jnp.asarray(node.mean), var=var, count=jnp.ones(var.shape, var.dtype))
+
+
+def _take(batches, num_batches):
+  if num_batches is not None:
+    if not isinstance(num_batches, int) or num_batches < 1:
+      raise ValueError(f'num_batches must be a positive int or None, got {num_batches!r}.')
+    return itertools.islice(batches, num_batches)
+  return batches
+
+
+# ------------------------------------------------------------------ Flax NNX
+
+
+def precise_bn_nnx(model, batches: Iterable, *, num_batches: int | None = None,
+                   call: Callable | None = None, jit: bool = True):
+  """Replaces the running statistics of an NNX model by precise ones.
+
+  Runs ``call(model, batch)`` (default ``model(batch)``; under ``nnx.jit``
+  unless ``jit=False``, e.g. for batches holding non-arrays) over
+  ``num_batches`` batches with every batch norm in training mode and
+  ``momentum=0``, so that after each call a layer's ``mean`` and ``var`` are
+  that batch's statistics; pools them exactly (see the module docstring) and
+  writes the result into the layers. Each batch counts once: use batches of
+  equal size. Other modules keep their mode, so put dropout in the mode you
+  want first (``model.eval()`` disables it; the batch norms are switched to
+  training mode here anyway). A batch norm is any module whose ``mean`` and
+  ``var`` are ``nnx.BatchStat`` and that has ``momentum`` and
+  ``use_running_average`` attributes (``flax.nnx.BatchNorm``,
+  ``jaxbn.nnx.BatchNorm``); their settings are restored afterwards, and on an
+  error the model is left as it was. Returns ``model`` (changed in place).
+
+  Example:
+    >>> import jax, jaxbn
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
+    ...                        nnx.BatchNorm(4, rngs=nnx.Rngs(0)))
+    >>> batches = (jax.random.normal(jax.random.key(i), (32, 3)) for i in range(10))
+    >>> model = jaxbn.precise_bn_nnx(model, batches, num_batches=8)
+    >>> model.layers[1].momentum, model.layers[1].use_running_average
+    (0.99, False)
+  """
+  from flax import nnx
+
+  if not isinstance(model, nnx.Module):
+    raise TypeError(
+        f'precise_bn_nnx needs an NNX model, got {type(model).__name__}; for '
+        'Linen use precise_bn_linen(module, variables, batches).')
+  layers = _nnx_batch_norms(model, nnx)
+  if not layers:
+    raise ValueError(
+        'the model has no batch norm (a module with nnx.BatchStat mean and var '
+        'and a momentum attribute); nothing to recompute.')
+  call = call or (lambda m, batch: m(batch))
+
+  def forward(m, batch):
+    call(m, batch)  # only the statistics it leaves in the layers matter
+
+  if jit:
+    forward = nnx.jit(forward)
+  saved = [(bn, bn.momentum, bn.use_running_average, bn.mean[...], bn.var[...])
+           for bn in layers]
+  ok = False
+  try:
+    for bn in layers:
+      bn.momentum, bn.use_running_average = 0.0, False
+    totals = None
+    for batch in _take(batches, num_batches):
+      forward(model, batch)
+      stats = [_as_moments(_Stats(bn.mean[...], bn.var[...])) for bn in layers]
+      totals = stats if totals is None else [merge_moments(t, s) for t, s in zip(totals, stats)]
+    if totals is None:
+      raise ValueError('precise_bn_nnx got no batches; pass a non-empty iterable.')
+    ok = True
+  finally:
+    for bn, momentum, use_ra, mean, var in saved:
+      bn.momentum, bn.use_running_average = momentum, use_ra
+      if not ok:
+        bn.mean[...], bn.var[...] = mean, var
+  for (bn, _, _, mean, var), total in zip(saved, totals):
+    bn.mean[...] = total.mean.astype(mean.dtype)
+    bn.var[...] = total.var.astype(var.dtype)
+  return model
+
+
+class _Stats:
+  def __init__(self, mean, var):
+    self.mean, self.var = mean, var
+
+
+def _nnx_batch_norms(model, nnx):
+  found = []
+  for _, node in nnx.iter_graph(model):
+    if (isinstance(node, nnx.Module)
+        and all(isinstance(getattr(node, a, None), nnx.BatchStat) for a in ('mean', 'var'))
+        and hasattr(node, 'momentum') and hasattr(node, 'use_running_average')):
+      found.append(node)
+  return found
+
+
+# ------------------------------------------------------------------ Flax Linen
+
+
+def precise_bn_linen(module, variables, batches: Iterable, *,
+                     num_batches: int | None = None, **apply_kwargs):
+  """Returns ``variables`` with precise ``batch_stats`` for a Linen model.
+
+  Runs ``module.apply(variables, batch, mutable=['batch_stats'],
+  **apply_kwargs)`` (jitted) over ``num_batches`` batches; pass what puts the
+  batch norms in training mode, e.g. ``train=True``. Each batch is the first
+  positional argument: map ``(x, y)`` pairs to inputs first, e.g.
+  ``(x for x, _ in loader)``. Each batch counts once: use batches of equal
+  size.
+
+  How the batch statistics are read: every batch norm (a module with
+  ``mean`` and ``var`` in ``batch_stats`` and a ``momentum`` attribute,
+  ``flax.linen.BatchNorm`` or ``jaxbn.linen.BatchNorm``) starts each batch
+  from zeroed statistics, so its update ``momentum * 0 + (1 - momentum) *
+  batch`` gives the batch statistics back exactly after dividing by
+  ``1 - momentum``. Layers that are not called keep their statistics.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> import flax.linen as nn
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train: bool = False):
+    ...     return nn.BatchNorm(use_running_average=not train)(nn.Dense(4)(x))
+    >>> net = Net()
+    >>> variables = net.init(jax.random.key(0), jnp.ones((2, 3)))
+    >>> batches = [jax.random.normal(jax.random.key(i), (32, 3)) for i in range(8)]
+    >>> new = jaxbn.precise_bn_linen(net, variables, batches, train=True)
+    >>> new['batch_stats']['BatchNorm_0']['var'].shape
+    (4,)
+  """
+  import flax.linen as nn
+
+  if 'batch_stats' not in variables:
+    raise ValueError(
+        "variables has no 'batch_stats' collection: pass the full variables "
+        "(with 'params' and 'batch_stats'), or the model has no batch norm.")
+  if 'mutable' in apply_kwargs:
+    raise TypeError("precise_bn_linen sets mutable=['batch_stats'] itself; drop mutable=.")
+  stats = variables['batch_stats']
+  paths = _linen_batch_norm_paths(stats)
+  zeroed = _set_at(stats, paths, lambda node: jax.tree.map(jnp.zeros_like, node))
+  start = {**variables, 'batch_stats': zeroed}
+  momenta = {}
+
+  def intercept(next_fun, args, kwargs, context):
+    mod = context.module
+    if context.method_name == '__call__' and tuple(mod.path) in paths and hasattr(mod, 'momentum'):
+      momenta[tuple(mod.path)] = mod.momentum
+    return next_fun(*args, **kwargs)
+
+  @jax.jit
+  def batch_stats(batch):
+    _, updates = module.apply(start, batch, mutable=['batch_stats'], **apply_kwargs)
+    return updates['batch_stats']
+
+  totals = None
+  with nn.intercept_methods(intercept):
+    for batch in _take(batches, num_batches):
+      new = batch_stats(batch)
+      per_layer = {p: _linen_moments(_get(new, p), momenta.get(p)) for p in paths}
+      totals = per_layer if totals is None else {
+          p: merge_moments(totals[p], per_layer[p]) for p in paths}
+  if totals is None:
+    raise ValueError('precise_bn_linen got no batches; pass a non-empty iterable.')
+
+  def write(path, node):
+    if path not in momenta:  # never called: nothing measured
+      return node
+    total = totals[path]
+    return {**node, 'mean': total.mean.astype(node['mean'].dtype),
+            'var': total.var.astype(node['var'].dtype)}
+
+  return {**variables, 'batch_stats': _set_at(stats, paths, write, with_path=True)}
+
+
+def _linen_moments(node, momentum) -> Moments:
+  rate = 1.0 if momentum is None else 1.0 - momentum
+  if rate <= 0:
+    raise ValueError(
+        'a batch norm has momentum=1.0, so its statistics never see a batch; '
+        'precise BN needs momentum < 1.')
+  return _as_moments(_Stats(node['mean'] / rate, node['var'] / rate))
+
+
+def _linen_batch_norm_paths(stats, path=()) -> set:
+  if not hasattr(stats, 'items'):
+    return set()
+  if 'mean' in stats and 'var' in stats and not hasattr(stats['mean'], 'items'):
+    return {path}
+  found = set()
+  for k, v in stats.items():
+    found |= _linen_batch_norm_paths(v, path + (k,))
+  return found
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def _set_at(tree, paths, fn, with_path=False, path=()):
+  if path in paths:
+    return fn(path, tree) if with_path else fn(tree)
+  if not hasattr(tree, 'items'):
+    return tree
+  return {k: _set_at(v, paths, fn, with_path, path + (k,)) for k, v in tree.items()}
