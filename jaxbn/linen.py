@@ -84,7 +84,7 @@ class BatchNorm(nn.Module):
     >>> bn = BatchNorm(momentum=0.9)
     >>> variables = bn.init(jax.random.key(1), x, use_running_average=False)
     >>> jax.tree.map(jnp.shape, variables)
-    {'batch_stats': {'mean': (6,), 'var': (6,)}, 'params': {'scale': (6,), 'bias': (6,)}}
+    {'batch_stats': {'mean': (6,), 'var': (6,)}, 'params': {'bias': (6,), 'scale': (6,)}}
     >>> y, updates = bn.apply(variables, x, use_running_average=False,
     ...                       mutable=['batch_stats'])
     >>> y_eval = bn.apply(variables | updates, x, use_running_average=True)

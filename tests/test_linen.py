@@ -9,6 +9,7 @@ arithmetic in the same order and matches to 1e-6.
 """
 
 import dataclasses
+import doctest
 import inspect
 
 import jax
@@ -40,6 +41,11 @@ def _assert_trees_close(a, b, tol):
 
 
 # --- API surface ------------------------------------------------------------
+
+
+def test_docstring_examples_run():
+  result = doctest.testmod(jaxbn.linen, optionflags=doctest.ELLIPSIS)
+  assert result.attempted > 0 and result.failed == 0
 
 
 def test_submodule_access():
@@ -331,6 +337,20 @@ def test_jit_grad_and_scan():
   for k, cls in BN_CLASSES.items():
     v = Stack(cls).init(jax.random.key(0), x)
     out[k] = Stack(cls).apply(v, x, mutable=['batch_stats'])
+  _assert_trees_close(out['jaxbn'], out['flax'], TOL)
+
+
+def test_lifted_remat_and_jit():
+  x = _data((8, 3))
+  out = {}
+  for k, cls in BN_CLASSES.items():
+    class Model(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        x = nn.remat(cls)(use_running_average=False)(x)
+        return nn.jit(cls)(use_running_average=False)(x)
+    variables = Model().init(jax.random.key(0), x)
+    out[k] = Model().apply(variables, x, mutable=['batch_stats'])
   _assert_trees_close(out['jaxbn'], out['flax'], TOL)
 
 

@@ -9,7 +9,11 @@ epsilon or variance estimate shows at 1e-3 or more). Evaluation uses the
 same arithmetic in the same order as Flax and matches to 1e-6.
 """
 
+import doctest
 import inspect
+import subprocess
+import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -42,10 +46,22 @@ def _state_arrays(module):
 # --- API surface ------------------------------------------------------------
 
 
+def test_docstring_examples_run():
+  result = doctest.testmod(jaxbn.nnx, optionflags=doctest.ELLIPSIS)
+  assert result.attempted > 0 and result.failed == 0
+
+
 def test_submodule_access():
   from jaxbn import nnx as jnnx
   assert jnnx.BatchNorm is jaxbn.nnx.BatchNorm
   assert jaxbn.nnx.BatchNorm.__name__ == 'BatchNorm'
+
+
+def test_lazy_submodules_from_a_plain_import():
+  code = ('import jaxbn; assert jaxbn.nnx.BatchNorm.__module__ == "jaxbn.nnx"; '
+          'assert jaxbn.linen.BatchNorm.__module__ == "jaxbn.linen"; '
+          'from jaxbn import nnx, linen')
+  subprocess.run([sys.executable, '-c', code], check=True)
 
 
 def test_constructor_signature_extends_flax():
@@ -314,6 +330,24 @@ def test_mask_with_nan_matches_reference_and_has_finite_gradients():
     return jnp.sum(jnp.where(mask, model(x, mask=jnp.asarray(mask)), 0.0) ** 2)
   grads = nnx.grad(loss)(jaxbn.nnx.BatchNorm(5, rngs=nnx.Rngs(0)), jnp.asarray(x_nan))
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+
+
+def test_complex_input_behaves_like_flax():
+  # Flax keeps float32 statistics and writes the complex batch mean into them
+  # (JAX warns that the imaginary part is dropped); jaxbn does the same.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((16, 3)) + 1j * rng.standard_normal((16, 3)),
+                  jnp.complex64)
+  out = {}
+  for k, cls in BN_CLASSES.items():
+    bn = cls(3, momentum=0.9, rngs=nnx.Rngs(0))
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      y = bn(x)
+    bn.eval()
+    out[k] = (y, bn(x), bn.mean[...], bn.var[...])
+  assert out['jaxbn'][0].dtype == jnp.complex64
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), out['jaxbn'], out['flax'])
 
 
 # --- transforms -------------------------------------------------------------
