@@ -130,8 +130,9 @@ def precise_bn_nnx(model, batches: Iterable, *, num_batches: int | None = None,
   training mode here anyway). A batch norm is any module whose ``mean`` and
   ``var`` are ``nnx.BatchStat`` and that has ``momentum`` and
   ``use_running_average`` attributes (``flax.nnx.BatchNorm``,
-  ``jaxbn.nnx.BatchNorm``); their settings are restored afterwards, and on an
-  error the model is left as it was. Returns ``model`` (changed in place).
+  ``jaxbn.nnx.BatchNorm``); their settings and other statistics (a step
+  ``count``) are restored afterwards, and on an error the model is left as
+  it was. Returns ``model`` (changed in place).
 
   Example:
     >>> import jax, jaxbn
@@ -161,29 +162,32 @@ def precise_bn_nnx(model, batches: Iterable, *, num_batches: int | None = None,
 
   if jit:
     forward = nnx.jit(forward)
-  saved = [(bn, bn.momentum, bn.use_running_average, bn.mean[...], bn.var[...])
-           for bn in layers]
-  ok = False
+  settings = [(bn.momentum, bn.use_running_average) for bn in layers]
+  # Every BatchStat of the layers (mean, var, a step count, ...) as it was.
+  saved = [_batch_stats_of(bn, nnx) for bn in layers]
+  totals = None
   try:
     for bn in layers:
       bn.momentum, bn.use_running_average = 0.0, False
-    totals = None
     for batch in _take(batches, num_batches):
       forward(model, batch)
       stats = [_as_moments(_Stats(bn.mean[...], bn.var[...])) for bn in layers]
       totals = stats if totals is None else [merge_moments(t, s) for t, s in zip(totals, stats)]
-    if totals is None:
-      raise ValueError('precise_bn_nnx got no batches; pass a non-empty iterable.')
-    ok = True
   finally:
-    for bn, momentum, use_ra, mean, var in saved:
+    for bn, (momentum, use_ra), values in zip(layers, settings, saved):
       bn.momentum, bn.use_running_average = momentum, use_ra
-      if not ok:
-        bn.mean[...], bn.var[...] = mean, var
-  for (bn, _, _, mean, var), total in zip(saved, totals):
-    bn.mean[...] = total.mean.astype(mean.dtype)
-    bn.var[...] = total.var.astype(var.dtype)
+      for name, value in values.items():
+        getattr(bn, name)[...] = value
+  if totals is None:
+    raise ValueError('precise_bn_nnx got no batches; pass a non-empty iterable.')
+  for bn, total in zip(layers, totals):
+    bn.mean[...] = total.mean.astype(bn.mean[...].dtype)
+    bn.var[...] = total.var.astype(bn.var[...].dtype)
   return model
+
+
+def _batch_stats_of(module, nnx):
+  return {name: v[...] for name, v in vars(module).items() if isinstance(v, nnx.BatchStat)}
 
 
 class _Stats:

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import jaxbn
+import jaxbn.nnx as jnnx
 from jaxbn import _fold
 from jaxbn._fold import FoldedBatchNorm, fold_batch_norm, fold_batch_norm_nnx
 from reference import np_normalize
@@ -106,7 +107,7 @@ def _randomize_batch_norms(model, seed=0):
   """Non-trivial running statistics and affine parameters everywhere."""
   rng = np.random.default_rng(seed)
   for _, m in nnx.iter_graph(model):
-    if isinstance(m, nnx.BatchNorm) or isinstance(m, DuckBatchNorm):
+    if isinstance(m, (nnx.BatchNorm, jnnx.BatchNorm, DuckBatchNorm)):
       c = m.mean[...].shape
       m.mean[...] = jnp.asarray(rng.standard_normal(c), jnp.float32)
       m.var[...] = jnp.asarray(rng.uniform(0.2, 3.0, c), jnp.float32)
@@ -136,23 +137,24 @@ class DuckBatchNorm(nnx.Module):
     return y
 
 
-def _cnn(rngs):
+def _cnn(rngs, bn=nnx.BatchNorm):
   return nnx.Sequential(
       nnx.Conv(3, 8, (3, 3), rngs=rngs),
-      nnx.BatchNorm(8, rngs=rngs),
+      bn(8, rngs=rngs),
       nnx.relu,
       nnx.Conv(8, 6, (3, 3), strides=2, use_bias=False, rngs=rngs),
-      nnx.BatchNorm(6, use_scale=False, epsilon=1e-3, rngs=rngs),
+      bn(6, use_scale=False, epsilon=1e-3, rngs=rngs),
       nnx.relu,
       lambda x: x.reshape(x.shape[0], -1),
       nnx.Linear(6 * 4 * 4, 10, use_bias=False, rngs=rngs),
-      nnx.BatchNorm(10, use_bias=False, rngs=rngs),
+      bn(10, use_bias=False, rngs=rngs),
       nnx.Linear(10, 3, rngs=rngs),
   )
 
 
-def test_sequential_cnn_folds_to_eval_outputs():
-  model = _randomize_batch_norms(_cnn(nnx.Rngs(0)))
+@pytest.mark.parametrize('bn', [nnx.BatchNorm, jnnx.BatchNorm])
+def test_sequential_cnn_folds_to_eval_outputs(bn):
+  model = _randomize_batch_norms(_cnn(nnx.Rngs(0), bn))
   x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
   model.eval()
   ref = model(x)
@@ -162,7 +164,7 @@ def test_sequential_cnn_folds_to_eval_outputs():
   assert_close(folded(x), ref)
   assert_close(nnx.jit(lambda m, x: m(x))(folded, x), ref)
   # The input model is untouched and still has its batch norms.
-  assert isinstance(model.layers[1], nnx.BatchNorm)
+  assert isinstance(model.layers[1], bn)
   assert model.layers[3].bias is None
   np.testing.assert_array_equal(model(x), ref)
 

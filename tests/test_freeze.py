@@ -208,6 +208,16 @@ def test_freeze_stats_is_what_keeps_the_statistics():
   assert model.bn.use_running_average is False
 
 
+def test_jaxbn_nnx_batch_norm_is_recognized():
+  import jaxbn.nnx as jnnx
+  model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
+                         jnnx.BatchNorm(4, rngs=nnx.Rngs(0)))
+  labels = bn_param_labels(model)(nnx.state(model, nnx.Param))
+  assert jax.tree.leaves(labels) == ['trainable', 'trainable', 'frozen', 'frozen']
+  model.train()
+  assert freeze_stats(model).layers[1].use_running_average is True
+
+
 def test_nnx_errors():
   model = NnxNet(nnx.Rngs(0))
   with pytest.raises(TypeError, match='not its state'):

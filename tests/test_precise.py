@@ -188,6 +188,24 @@ def test_nnx_error_leaves_the_model_unchanged():
   assert model.layers[1].momentum == 0.99
 
 
+@pytest.mark.parametrize('momentum', [0.9, None])
+def test_jaxbn_nnx_batch_norm(momentum):
+  import jaxbn.nnx as jnnx
+  rngs = nnx.Rngs(0)
+  model = nnx.Sequential(nnx.Linear(3, 6, rngs=rngs),
+                         jnnx.BatchNorm(6, momentum=momentum, rngs=rngs))
+  model(_batches(1, seed=9)[0])  # one training step: count 1 if tracked
+  xs = _batches(4, seed=10)
+  precise_bn_nnx(model, xs)
+  lin = model.layers[0]
+  mean, var = np_pooled([lin(x) for x in xs])
+  np.testing.assert_allclose(model.layers[1].mean[...], mean, **F32_TOL)
+  np.testing.assert_allclose(model.layers[1].var[...], var, **F32_TOL)
+  assert model.layers[1].momentum == momentum
+  if momentum is None:
+    assert int(model.layers[1].count[...]) == 1
+
+
 def test_nnx_errors():
   with pytest.raises(ValueError, match='no batch norm'):
     precise_bn_nnx(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), _batches(1))
