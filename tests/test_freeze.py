@@ -218,6 +218,14 @@ def test_jaxbn_nnx_batch_norm_is_recognized():
   assert freeze_stats(model).layers[1].use_running_average is True
 
 
+def test_jaxbn_linen_batch_norm_is_recognized_by_name():
+  import jaxbn.linen as jlinen
+  model = nn.Sequential([nn.Dense(4), jlinen.BatchNorm(use_running_average=True)])
+  variables = model.init(jax.random.key(0), jnp.ones((2, 3)))
+  labels = bn_param_labels(variables['params'], batch_stats=variables['batch_stats'])
+  assert labels['layers_1'] == {'scale': 'frozen', 'bias': 'frozen'}
+
+
 def test_nnx_errors():
   model = NnxNet(nnx.Rngs(0))
   with pytest.raises(TypeError, match='not its state'):

@@ -276,6 +276,31 @@ def test_linen_uncalled_layers_keep_their_stats_and_errors():
     precise_bn_linen(frozen, v, xs)
 
 
+@pytest.mark.parametrize('momentum', [0.9, None])
+def test_jaxbn_linen_batch_norm(momentum):
+  import jaxbn.linen as jlinen
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      return jlinen.BatchNorm(use_running_average=not train, momentum=momentum)(nn.Dense(5)(x))
+
+  net = Net()
+  variables = net.init(jax.random.key(0), jnp.ones((2, 3)))
+  _, upd = net.apply(variables, _batches(1, seed=11)[0], train=True, mutable=['batch_stats'])
+  variables = {**variables, **upd}
+  xs = _batches(4, seed=12)
+  new = precise_bn_linen(net, variables, xs, train=True)
+  k = np.asarray(variables['params']['Dense_0']['kernel'], np.float64)
+  b = np.asarray(variables['params']['Dense_0']['bias'], np.float64)
+  mean, var = np_pooled([np.asarray(x, np.float64) @ k + b for x in xs])
+  stats = new['batch_stats']['BatchNorm_0']
+  np.testing.assert_allclose(stats['mean'], mean, **F32_TOL)
+  np.testing.assert_allclose(stats['var'], var, **F32_TOL)
+  if momentum is None:
+    assert int(stats['count']) == 1
+
+
 def test_docstring_examples(monkeypatch):
   for name in ('merge_moments', 'precise_batch_stats', 'precise_bn_nnx', 'precise_bn_linen'):
     monkeypatch.setattr(jaxbn, name, getattr(_precise, name), raising=False)
