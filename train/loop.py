@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import math
 import os
@@ -163,9 +164,13 @@ class Progress:
     def epoch(self, rec: dict) -> None:
         if self.tty:
             self.stream.write("\r\033[K")
+        if rec["train_loss"] is None:
+            train = "train: no finite step"
+        else:
+            train = (f"train loss {rec['train_loss']:.4f} "
+                     f"acc {100 * rec['train_accuracy']:.1f}%")
         self.stream.write(
-            f"epoch {rec['epoch']}/{self.epochs}  train loss {rec['train_loss']:.4f} "
-            f"acc {100 * rec['train_accuracy']:.1f}%  test loss {rec['test_loss']:.4f} "
+            f"epoch {rec['epoch']}/{self.epochs}  {train}  test loss {rec['test_loss']:.4f} "
             f"acc {100 * rec['test_accuracy']:.2f}%  {rec['images_per_second']:.0f} img/s  "
             f"{rec['epoch_seconds']:.1f} s\n")
         self.stream.flush()
@@ -330,18 +335,31 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
         os.close(lock_fd)
 
 
+@functools.lru_cache(maxsize=16)
+def compiled_steps(graphdefs, optimizer, schedule_name, lr, weight_decay, total_steps, mesh):
+    """Optimizer, schedule and jitted steps, shared by runs in one process.
+
+    Keyed on everything the compiled programs depend on (graphdefs are
+    hashable and equal for equal architectures), so several seeds run from a
+    notebook or a test session compile once.
+    """
+    schedule = steps.make_schedule(schedule_name, lr, total_steps)
+    tx = steps.make_optimizer(optimizer, schedule, weight_decay)
+    train_step, eval_step = steps.jit_steps(
+        steps.make_train_step(graphdefs.train, tx, schedule),
+        steps.make_eval_step(graphdefs.eval), mesh)
+    return tx, schedule, train_step, eval_step
+
+
 def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, interrupt_at_step):
     model = models.build_model(cfg.model, dataset.input_shape, norm=cfg.norm, seed=cfg.seed,
                                opts=opts, mlp_depth=cfg.mlp_depth, mlp_width=cfg.mlp_width,
                                activation=cfg.activation)
     graphdefs, params, model_state = steps.split_model(model)
     param_count = int(sum(np.size(p) for p in jax.tree.leaves(params)))
-    schedule = steps.make_schedule(cfg.schedule, cfg.lr, total_steps)
-    tx = steps.make_optimizer(cfg.optimizer, schedule, cfg.weight_decay)
+    tx, schedule, train_step, eval_step = compiled_steps(
+        graphdefs, cfg.optimizer, cfg.schedule, cfg.lr, cfg.weight_decay, total_steps, mesh)
     state = steps.init_state(params, model_state, tx, cfg.seed)
-    train_step, eval_step = steps.jit_steps(
-        steps.make_train_step(graphdefs.train, tx, schedule),
-        steps.make_eval_step(graphdefs.eval), mesh)
 
     ckpt_root = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
@@ -433,9 +451,10 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                 t_eval = time.perf_counter()
                 test_loss, test_acc = evaluate(eval_step, state, dataset.x_test, dataset.y_test,
                                                eval_bs, mesh)
-                n_ok = max(book.finite_steps, 1)
+                n_ok = book.finite_steps
                 rec = {"kind": "epoch", "epoch": epoch + 1, "step": (epoch + 1) * spe,
-                       "train_loss": book.loss_sum / n_ok, "train_accuracy": book.acc_sum / n_ok,
+                       "train_loss": book.loss_sum / n_ok if n_ok else None,
+                       "train_accuracy": book.acc_sum / n_ok if n_ok else None,
                        "test_loss": test_loss, "test_accuracy": test_acc,
                        "lr": float(schedule(int(state.step))),
                        "epoch_seconds": book.epoch_step_time + time.perf_counter() - t_eval,
@@ -459,7 +478,7 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
         test_loss, test_acc = evaluate(eval_step, state, dataset.x_test, dataset.y_test,
                                        eval_bs, mesh)
         book.last_epoch = {"test_loss": test_loss, "test_accuracy": test_acc,
-                           "train_loss": float("nan"), "train_accuracy": float("nan")}
+                           "train_loss": None, "train_accuracy": None}
     train_seconds = book.train_seconds + time.perf_counter() - segment_start
     ips = book.steady_images / book.steady_time if book.steady_time > 0 else 0.0
     summary = {

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
+import shutil
 import subprocess
+import threading
 import sys
 from pathlib import Path
 
@@ -40,3 +44,32 @@ def run_cli(*args, env=None, timeout=180, cwd=None) -> subprocess.CompletedProce
         [sys.executable, "-m", "train", *map(str, args)],
         cwd=cwd or REPO, env=env or cli_env(), capture_output=True, text=True,
         timeout=timeout)
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    requests: list[str]
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def do_GET(self):
+        self.requests.append(self.path)
+        super().do_GET()
+
+
+@pytest.fixture
+def server(tmp_path, data_dir):
+    """Serve a temporary copy of the MNIST files on 127.0.0.1 (a free port)."""
+    root = tmp_path / "served"
+    shutil.copytree(data_dir / "mnist", root / "mnist")
+    requests: list[str] = []
+    handler = type("H", (_Handler,), {"requests": requests})
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/mnist/", root / "mnist", requests
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

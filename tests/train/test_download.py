@@ -1,43 +1,9 @@
 """--download against a local HTTP server (never the internet)."""
 
-import functools
-import http.server
-import shutil
-import threading
-
 import pytest
 
 from train import data
 from train.data import DataError
-
-
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    requests: list[str]
-
-    def log_message(self, *args):  # keep test output quiet
-        pass
-
-    def do_GET(self):
-        self.requests.append(self.path)
-        super().do_GET()
-
-
-@pytest.fixture
-def server(tmp_path, data_dir):
-    """Serve a temporary copy of the MNIST files on 127.0.0.1 (a free port)."""
-    root = tmp_path / "served"
-    shutil.copytree(data_dir / "mnist", root / "mnist")
-    requests: list[str] = []
-    handler = type("H", (_Handler,), {"requests": requests})
-    httpd = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/mnist/", root / "mnist", requests
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def test_download_fetches_verifies_and_skips_good_files(tmp_path, server, data_dir):

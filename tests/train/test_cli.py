@@ -1,0 +1,181 @@
+"""The command line, through a real subprocess: exit codes and one-line errors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, cli_env, run_cli
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode not in (0, None), proc.stdout
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--norm", "bogus"], ["--norm", "invalid choice: 'bogus'"]),
+    (["--dataset", "cifar10"], ["--dataset", "invalid choice"]),
+    (["--model", "vgg"], ["--model", "invalid choice"]),
+    (["--batch-size", "0"], ["--batch-size must be at least 1"]),
+    (["--epochs", "0"], ["--epochs must be at least 1"]),
+    (["--lr", "fast"], ["--lr", "expected a number"]),
+])
+def test_bad_arguments_exit_2_with_one_line(args, fragments):
+    proc = run_cli(*args)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, *fragments)
+
+
+def test_help_lists_the_pinned_options():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for flag in ("--dataset", "--data-dir", "--model", "--norm", "--epochs", "--batch-size",
+                 "--lr", "--seed", "--out", "--resume", "--devices"):
+        assert flag in proc.stdout
+
+
+def test_missing_data_folder(tmp_path):
+    proc = run_cli("--dataset", "mnist", "--data-dir", tmp_path, "--out", tmp_path / "o",
+                   env=cli_env(JAXBN_DATA=""))
+    assert_one_line_error(proc, f"{tmp_path}/mnist is not a folder", "--download")
+    assert not (tmp_path / "o").exists()  # nothing created for a run that cannot start
+
+
+def test_corrupt_data_names_the_file(tmp_path, data_dir):
+    shutil.copytree(data_dir / "mnist", tmp_path / "mnist")
+    bad = tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    bad.chmod(0o644)
+    bad.write_bytes(bad.read_bytes()[:1000])
+    proc = run_cli("--dataset", "mnist", "--data-dir", tmp_path, "--out", tmp_path / "o")
+    assert_one_line_error(proc, str(bad), "truncated")
+
+
+def test_out_path_that_is_a_file_or_under_a_file(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = run_cli("--out", blocker)
+    assert_one_line_error(proc, "exists and is not a directory")
+    proc = run_cli("--out", blocker / "run")
+    assert_one_line_error(proc, f"{blocker} is not a directory")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
+def test_out_dir_without_write_permission(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    proc = run_cli("--out", ro / "run", "--limit-train", "64", "--epochs", "1")
+    assert_one_line_error(proc, "cannot create --out")
+
+
+def test_existing_run_is_refused(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    proc = run_cli("--out", out)
+    assert_one_line_error(proc, "already holds a run", "--resume")
+
+
+def test_too_many_devices(tmp_path):
+    proc = run_cli("--devices", "4", "--batch-size", "32", "--out", tmp_path / "o")
+    assert_one_line_error(proc, "--devices 4 but only 1")
+
+
+def test_unavailable_norm_is_one_line(tmp_path):
+    from train import models
+    try:
+        models.check_norm_available("renorm")
+    except models.NormUnavailable:
+        proc = run_cli("--norm", "renorm", "--out", tmp_path / "o")
+        assert proc.returncode == 2
+        assert_one_line_error(proc, "--norm renorm is not yet available")
+    else:
+        pytest.skip("the installed jaxbn provides BatchRenorm")
+
+
+TINY = ["--model", "mlp", "--limit-train", "320", "--batch-size", "32", "--epochs", "2"]
+
+
+def test_cli_run_writes_the_documented_outputs(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(*TINY, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-2]
+    assert last.startswith("test accuracy ") and "images/s" in last
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["steps"] == 20
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 22 and all(json.loads(x) for x in lines)
+    assert {p.name for p in out.iterdir()} >= {
+        "metrics.jsonl", "summary.json", "loss.png", "accuracy.png", "checkpoints"}
+
+
+def _wait_for_lines(path, n, proc, deadline):
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and len(path.read_bytes().splitlines()) >= n:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_sigint_saves_a_checkpoint_and_resume_matches(tmp_path):
+    # Reference: the same run, uninterrupted (in this process).
+    import io
+    from train import loop
+    from train.config import Config, resolve
+    args = dict(model="mlp", limit_train=1280, batch_size=32, epochs=3)
+    _, ref, _ = (lambda s: (*loop.run(resolve(Config(out=str(tmp_path / "ref"), **args)),
+                                       stdout=s), None))(io.StringIO())
+
+    out = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "train", "--model", "mlp", "--limit-train", "1280",
+           "--batch-size", "32", "--epochs", "3", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        started = _wait_for_lines(out / "metrics.jsonl", 5, proc, time.monotonic() + 120)
+        if started:
+            proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if not started or proc.returncode == 0:
+        pytest.skip("the run ended before it could be interrupted (machine too fast?)")
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "SIGINT: stopped after step" in stdout and "--resume" in stdout
+    assert not (out / "summary.json").exists()
+
+    resumed = run_cli("--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_accuracy"] == ref["test_accuracy"]
+    assert summary["test_loss"] == ref["test_loss"]
+
+    from test_loop import final_arrays
+    for a, b in zip(final_arrays(tmp_path / "ref"), final_arrays(out)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_default_run_reaches_97_percent(tmp_path):
+    start = time.monotonic()
+    proc = run_cli("--out", tmp_path / "default", timeout=600)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "default" / "summary.json").read_text())
+    assert summary["test_accuracy"] >= 0.97
+    assert summary["config"]["dataset"] == "digits" and summary["config"]["norm"] == "batch"
+    print(f"default run: {elapsed:.1f} s wall, {summary['train_seconds']:.1f} s training")

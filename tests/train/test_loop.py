@@ -1,0 +1,165 @@
+"""End-to-end runs of the training loop, in-process on tiny data."""
+
+import dataclasses
+import fcntl
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+
+from train import checkpoint, data, loop
+from train.config import Config, ConfigError, resolve
+
+TIMING_KEYS = {"step_time", "epoch_seconds", "images_per_second"}
+
+
+def tiny(out, **kw) -> Config:
+    base = dict(out=str(out), epochs=1, limit_train=64, batch_size=32, model="mlp")
+    base.update(kw)
+    return resolve(Config(**base))
+
+
+def run(cfg, **kw):
+    stdout = io.StringIO()
+    code, summary = loop.run(cfg, stdout=stdout, **kw)
+    return code, summary, stdout.getvalue()
+
+
+def records(out):
+    with open(out / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def without_timings(recs):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in recs]
+
+
+def final_arrays(out):
+    _, path = checkpoint.list_checkpoints(out / "checkpoints")[-1]
+    with np.load(path / checkpoint.STATE_FILE) as npz:
+        return [npz[k] for k in sorted(npz.files, key=lambda k: int(k[1:]))]
+
+
+MATRIX = [(m, n) for m in ("cnn", "mlp", "resnet") for n in ("batch", "none", "layer", "group")]
+
+
+@pytest.mark.parametrize("model, norm", [
+    pytest.param(m, n, marks=pytest.mark.slow) if m == "resnet" else (m, n) for m, n in MATRIX])
+def test_every_model_and_norm_trains_one_epoch(tmp_path, model, norm):
+    out = tmp_path / "run"
+    code, summary, text = run(tiny(out, model=model, norm=norm))
+    assert code == 0
+    recs = records(out)
+    assert [r["kind"] for r in recs] == ["step", "step", "epoch"]
+    assert {"step", "loss", "accuracy", "lr", "grad_norm", "step_time"} <= recs[0].keys()
+    assert {"train_loss", "train_accuracy", "test_loss", "test_accuracy"} <= recs[-1].keys()
+    for key in ("test_accuracy", "test_loss", "epochs", "train_seconds", "images_per_second",
+                "config", "versions", "device"):
+        assert key in summary
+    assert json.loads((out / "summary.json").read_text())["test_loss"] == summary["test_loss"]
+    assert summary["test_examples"] == 360 and np.isfinite(summary["test_loss"])
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "accuracy.png").stat().st_size > 1000
+    assert len(checkpoint.list_checkpoints(out / "checkpoints")) == 1
+    assert "test accuracy" in text.splitlines()[-2]
+
+
+def test_digits_cnn_learns(tmp_path):
+    code, summary, _ = run(tiny(tmp_path / "r", model="cnn", limit_train=None, epochs=2))
+    assert code == 0 and summary["test_accuracy"] > 0.9
+
+
+@pytest.mark.parametrize("stop_at", [10, 3], ids=["epoch-boundary", "mid-epoch"])
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, stop_at):
+    # 2 epochs of 10 steps; the interrupted run stops after step `stop_at`.
+    kw = dict(epochs=2, limit_train=320)
+    code, ref, _ = run(tiny(tmp_path / "ref", **kw))
+    assert code == 0
+    code, summary, text = run(tiny(tmp_path / "cut", **kw), interrupt_at_step=stop_at)
+    assert code == loop.EXIT_INTERRUPTED and summary is None
+    assert "--resume" in text and not (tmp_path / "cut" / "summary.json").exists()
+    code, resumed, text = run(loop.resume_config({"out": str(tmp_path / "cut"), "resume": True}))
+    assert code == 0 and f"resuming from checkpoints/ckpt-{stop_at:09d}" in text
+    assert resumed["test_accuracy"] == ref["test_accuracy"]
+    assert resumed["test_loss"] == ref["test_loss"]
+    assert resumed["train_loss"] == ref["train_loss"]
+    for a, b in zip(final_arrays(tmp_path / "ref"), final_arrays(tmp_path / "cut")):
+        np.testing.assert_array_equal(a, b)
+    assert without_timings(records(tmp_path / "cut")) == without_timings(records(tmp_path / "ref"))
+
+
+def test_resume_skips_a_corrupted_checkpoint(tmp_path):
+    kw = dict(epochs=2, limit_train=320)
+    _, ref, _ = run(tiny(tmp_path / "ref", **kw))
+    out = tmp_path / "cut"
+    run(tiny(out, **kw), interrupt_at_step=14)
+    (pos_a, _), (pos_b, newest) = checkpoint.list_checkpoints(out / "checkpoints")
+    assert (pos_a, pos_b) == (10, 14)
+    blob = newest / checkpoint.STATE_FILE
+    blob.write_bytes(blob.read_bytes()[: len(blob.read_bytes()) // 2])
+    code, resumed, text = run(tiny(out, resume=True, **kw))
+    assert code == 0
+    assert "skipping checkpoint" in text and "resuming from checkpoints/ckpt-000000010" in text
+    assert resumed["test_loss"] == ref["test_loss"]
+    assert without_timings(records(out)) == without_timings(records(tmp_path / "ref"))
+
+
+def test_resume_takes_the_settings_of_the_checkpointed_run(tmp_path):
+    out = tmp_path / "run"
+    run(tiny(out, epochs=2, norm="layer", seed=5), interrupt_at_step=1)
+    cfg = loop.resume_config({"out": str(out), "resume": True})
+    assert (cfg.norm, cfg.seed, cfg.epochs, cfg.limit_train) == ("layer", 5, 2, 64)
+    with pytest.raises(ConfigError, match="--seed 6 differs from the run"):
+        loop.resume_config({"out": str(out), "resume": True, "seed": 6})
+
+
+def test_refuses_an_out_dir_that_holds_another_run(tmp_path):
+    out = tmp_path / "run"
+    run(tiny(out))
+    with pytest.raises(loop.RunError, match="already holds a run.*pass --resume"):
+        run(tiny(out))
+
+
+def test_refuses_an_out_dir_locked_by_another_run(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(loop.RunError, match="another training run is writing to"):
+            run(tiny(out))
+    finally:
+        os.close(fd)
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_nan_data_stops_after_max_bad_steps(tmp_path):
+    def poisoned(*args, **kwargs):
+        d = data.load(*args, **kwargs)
+        return d._replace(x_train=np.full_like(d.x_train, np.nan))
+
+    out = tmp_path / "run"
+    with pytest.raises(loop.RunError, match="3 consecutive steps had a non-finite loss"):
+        run(tiny(out, max_bad_steps=3, epochs=2), load_data=poisoned)
+    recs = [r for r in records(out) if r["kind"] == "step"]
+    assert [r["finite"] for r in recs] == [False] * 3
+    assert [r["bad_steps"] for r in recs] == [1, 2, 3]  # counted across the epoch boundary
+    assert recs[0]["loss"] is None  # NaN is written as JSON null
+    assert not (out / "summary.json").exists()
+
+
+def test_batch_larger_than_training_set(tmp_path):
+    with pytest.raises(ConfigError, match="larger than the 64 training examples"):
+        run(tiny(tmp_path / "r", batch_size=128))
+
+
+def test_mnist_downloaded_from_a_local_mirror(tmp_path, server):
+    url, _, requests = server
+    cfg = tiny(tmp_path / "run", dataset="mnist", data_dir=str(tmp_path / "data"),
+               download=True, base_url=url, limit_train=1024, batch_size=64, activation="relu")
+    code, summary, text = run(cfg)
+    assert code == 0 and len(requests) == 4 and "downloading" in text
+    assert summary["test_examples"] == 10000 and summary["train_examples"] == 1024
+    assert summary["test_accuracy"] > 0.7
