@@ -119,7 +119,7 @@ def batch_renorm(
   if mask is None and axis_name is None:
     _checks_more_than_one_value(x.shape, reduction_axes)
   batch = reduce_moments(x, reduction_axes, mask=mask, axis_name=axis_name)
-  r, d = renorm_corrections(batch.mean, batch.var, state.mean, state.var,
+  r, d = _corrections(batch.mean, batch.var, state.mean, state.var,
                             r_max=r_max, d_max=d_max, epsilon=epsilon)
   eff_scale, eff_bias = _effective_affine(scale, bias, r, d, feature_shape)
   y = _normalize_masked(x, mask, batch.mean, batch.var, eff_scale, eff_bias,
@@ -127,7 +127,7 @@ def batch_renorm(
   return y, update_state(state, batch, momentum=momentum)
 
 
-def renorm_corrections(batch_mean, batch_var, mean, var, *, r_max, d_max,
+def _corrections(batch_mean, batch_var, mean, var, *, r_max, d_max,
                        epsilon=1e-5):
   """The batch-renorm corrections ``(r, d)``, behind ``stop_gradient``.
 

@@ -218,7 +218,7 @@ def test_jaxbn_nnx_batch_norm_is_recognized():
   assert freeze_stats(model).layers[1].use_running_average is True
 
 
-def test_jaxbn_linen_batch_norm_is_recognized_by_name():
+def test_jaxbn_linen_batch_norm_is_recognized():
   import jaxbn.linen as jlinen
   model = nn.Sequential([nn.Dense(4), jlinen.BatchNorm(use_running_average=True)])
   variables = model.init(jax.random.key(0), jnp.ones((2, 3)))
