@@ -35,11 +35,12 @@ def check_batch(shape, axes: tuple[int, ...], *, mask, axis_name) -> None:
         "e.g. model.eval() in NNX) to normalize with the running statistics.")
 
 
-def stats_mismatch(num_features: int, shape, axes: tuple[int, ...], axis) -> ValueError | None:
+def check_num_features(num_features: int, shape, axes: tuple[int, ...], axis) -> None:
+  """NNX stores ``num_features`` statistics; the input must have as many."""
   feature_shape = tuple(shape[a] for a in axes)
   if math.prod(feature_shape) == num_features:
-    return None
-  return ValueError(
+    return
+  raise ValueError(
       f'BatchNorm was built with num_features={num_features} but the input '
       f'of shape {tuple(shape)} has {math.prod(feature_shape)} features on '
       f'axis={axis!r}; build it with num_features={math.prod(feature_shape)} '

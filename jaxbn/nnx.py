@@ -193,10 +193,7 @@ class BatchNorm(nnx.Module):
             'use_running_average=True/False).'),
     )
     axes = _flax_common.feature_axes(self.axis, jnp.ndim(x))
-    error = _flax_common.stats_mismatch(
-        self.num_features, jnp.shape(x), axes, self.axis)
-    if error is not None:
-      raise error
+    _flax_common.check_num_features(self.num_features, jnp.shape(x), axes, self.axis)
     feature_shape = tuple(jnp.shape(x)[a] for a in axes)
 
     scale = self.scale[...] if self.scale is not None else None
@@ -240,7 +237,7 @@ class BatchNorm(nnx.Module):
       self,
       use_running_average: bool | None = None,
   ):
-    """Class method used by ``nnx.view``.
+    """Sets the mode; called by ``nnx.view``.
 
     Args:
       use_running_average: if True, the stored batch statistics will be
