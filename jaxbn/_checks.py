@@ -140,5 +140,21 @@ def axis_groups(axis_name, axis_index_groups) -> None:
         'index into.')
 
 
+def more_than_one_value(shape, reduction_axes):
+  n = 1
+  for a in reduction_axes:
+    n *= shape[a]
+  if n <= 1:
+    raise ValueError(
+        f'expected more than 1 value per feature in training, got input shape '
+        f'{shape}: batch statistics of a single value are meaningless. Use a '
+        'batch of 2 or more, or training=False to normalize with the running '
+        'statistics.')
+
+
+def complement_axes(axes, ndim):
+  return tuple(i for i in range(ndim) if i not in axes)
+
+
 def _shape_literal(shape: tuple[int, ...]) -> str:
   return str(shape[0]) if len(shape) == 1 else str(shape)

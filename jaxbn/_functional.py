@@ -31,7 +31,7 @@ def moments(x, axis=-1, *, mask=None, axis_name=None, axis_index_groups=None) ->
   if mask is not None:
     mask = _checks.mask_for(mask, x.shape)
   return reduce_moments(
-      x, _complement(feature_axes, x.ndim), mask=mask,
+      x, _checks.complement_axes(feature_axes, x.ndim), mask=mask,
       axis_name=axis_name, axis_index_groups=axis_index_groups)
 
 
@@ -157,7 +157,7 @@ def batch_norm(
     mask = _checks.mask_for(mask, x.shape)
 
   if not training:
-    y = _normalize_masked(x, mask, state.mean, state.var, scale, bias,
+    y = normalize_masked(x, mask, state.mean, state.var, scale, bias,
                           axis=feature_axes, epsilon=epsilon, dtype=dtype)
     return y, state
 
@@ -169,18 +169,18 @@ def batch_norm(
         axis_index_groups=axis_index_groups, mask=mask,
         running_var=running_var, dtype=dtype)
 
-  reduction_axes = _complement(feature_axes, x.ndim)
+  reduction_axes = _checks.complement_axes(feature_axes, x.ndim)
   if mask is None and axis_name is None:
-    _checks_more_than_one_value(x.shape, reduction_axes)
+    _checks.more_than_one_value(x.shape, reduction_axes)
   batch = reduce_moments(x, reduction_axes, mask=mask, axis_name=axis_name,
                          axis_index_groups=axis_index_groups)
-  y = _normalize_masked(x, mask, batch.mean, batch.var, scale, bias,
+  y = normalize_masked(x, mask, batch.mean, batch.var, scale, bias,
                         axis=feature_axes, epsilon=epsilon, dtype=dtype)
   new_state = update_state(state, batch, momentum=momentum, running_var=running_var)
   return y, new_state
 
 
-def _normalize_masked(x, mask, mean, var, scale, bias, **kwargs):
+def normalize_masked(x, mask, mean, var, scale, bias, **kwargs):
   """``normalize`` where masked-out entries cannot reach any gradient.
 
   Their outputs are still the normalized inputs (as in Flax), but computed
@@ -216,12 +216,12 @@ def _ghost_batch_norm(x, state, scale, bias, *, feature_axes, virtual_batch_size
   xs = x.reshape((chunks, v) + x.shape[1:])
   chunk_mask = None if mask is None else mask.reshape(xs.shape)
   chunk_features = tuple(a + 1 for a in feature_axes)
-  reduction_axes = _complement((0,) + chunk_features, xs.ndim)
+  reduction_axes = _checks.complement_axes((0,) + chunk_features, xs.ndim)
   if mask is None:
-    _checks_more_than_one_value(xs.shape, reduction_axes)
+    _checks.more_than_one_value(xs.shape, reduction_axes)
   # Ghost batches are local by definition: no sync of the chunk statistics.
   per_chunk = reduce_moments(xs, reduction_axes, mask=chunk_mask)
-  y = _normalize_masked(xs, chunk_mask, per_chunk.mean, per_chunk.var,
+  y = normalize_masked(xs, chunk_mask, per_chunk.mean, per_chunk.var,
                         _chunked(scale, chunks), _chunked(bias, chunks),
                         axis=(0,) + chunk_features, epsilon=epsilon, dtype=dtype)
   estimate = _average_chunks(per_chunk, running_var, axis_name, axis_index_groups)
@@ -255,22 +255,6 @@ def _ema(old, new, keep):
 
 def _chunked(param, chunks):
   return None if param is None else jnp.broadcast_to(param, (chunks,) + jnp.shape(param))
-
-
-def _checks_more_than_one_value(shape, reduction_axes):
-  n = 1
-  for a in reduction_axes:
-    n *= shape[a]
-  if n <= 1:
-    raise ValueError(
-        f'expected more than 1 value per feature in training, got input shape '
-        f'{shape}: batch statistics of a single value are meaningless. Use a '
-        'batch of 2 or more, or training=False to normalize with the running '
-        'statistics.')
-
-
-def _complement(axes, ndim):
-  return tuple(i for i in range(ndim) if i not in axes)
 
 
 def _broadcast_shape(x_shape, feature_axes):

@@ -86,25 +86,37 @@ def reduce_moments(
   safe_count = jnp.maximum(count, 1.0)
   mean = shift.reshape(kept_shape) + s1 / safe_count
   m2 = jnp.maximum(s2 - _abs2(s1) / safe_count, 0.0)
-  if axis_name is not None:
-    count, mean, m2 = _combine_across(count, mean, m2, axis_name, axis_index_groups)
-  var = m2 / jnp.maximum(count, 1.0)
-  return Moments(mean=mean, var=var, count=count)
+  local = Moments(mean=mean, var=m2 / safe_count, count=count)
+  if axis_name is None:
+    return local
+  return _pool_across(local, axis_name, axis_index_groups)
 
 
-def _combine_across(count, mean, m2, axis_name, axis_index_groups):
-  """Exact pooled (count, mean, M2) over a mapped axis with one collective."""
-  is_complex = jnp.iscomplexobj(mean)
-  parts = [count, mean.real, mean.imag, m2] if is_complex else [count, mean, m2]
+def pool_moments(stacked: Moments, axis: int = 0) -> Moments:
+  """Pools statistics of disjoint sample sets stacked along ``axis``.
+
+  Exact and count-weighted (Chan et al.): ``var = sum(n_i * (var_i +
+  |mean_i - mean|^2)) / n``. A set with ``count == 0`` contributes nothing.
+  """
+  counts = stacked.count
+  total = jnp.sum(counts, axis=axis)
+  safe = jnp.maximum(total, 1.0)
+  mean = jnp.sum(counts * stacked.mean, axis=axis) / safe
+  spread = _abs2(stacked.mean - jnp.expand_dims(mean, axis))
+  var = jnp.sum(counts * (stacked.var + spread), axis=axis) / safe
+  return Moments(mean=mean, var=var, count=total)
+
+
+def _pool_across(local: Moments, axis_name, axis_index_groups) -> Moments:
+  """Global moments over a mapped axis with one collective."""
+  is_complex = jnp.iscomplexobj(local.mean)
+  parts = [local.count, local.mean.real, local.var]
+  if is_complex:
+    parts.insert(2, local.mean.imag)
   gathered = lax.all_gather(
       jnp.stack(parts), axis_name, axis_index_groups=axis_index_groups)
-  counts = gathered[:, 0]
-  means = gathered[:, 1] + 1j * gathered[:, 2] if is_complex else gathered[:, 1]
-  m2s = gathered[:, -1]
-  total = jnp.sum(counts, axis=0)
-  pooled_mean = jnp.sum(counts * means, axis=0) / jnp.maximum(total, 1.0)
-  pooled_m2 = jnp.sum(m2s + counts * _abs2(means - pooled_mean), axis=0)
-  return total, pooled_mean, pooled_m2
+  mean = gathered[:, 1] + 1j * gathered[:, 2] if is_complex else gathered[:, 1]
+  return pool_moments(Moments(mean=mean, var=gathered[:, -1], count=gathered[:, 0]))
 
 
 def _first_sample(x, reduction_axes):

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn._moments import Moments
-from jaxbn._moments import _abs2
+from jaxbn._moments import pool_moments
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
@@ -50,13 +50,7 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
     >>> m.mean, m.var, m.count
     (Array([5.], dtype=float32), Array([8.], dtype=float32), Array([5.], dtype=float32))
   """
-  count = a.count + b.count
-  safe = jnp.maximum(count, 1.0)
-  wa, wb = a.count / safe, b.count / safe
-  delta = b.mean - a.mean
-  mean = a.mean + wb * delta
-  var = wa * a.var + wb * b.var + wa * wb * _abs2(delta)
-  return Moments(mean=mean, var=var, count=count)
+  return pool_moments(jax.tree.map(lambda u, v: jnp.stack([u, v]), a, b))
 
 
 def precise_batch_stats(batch_stats_fn: Callable[[Any], Any], batches: Iterable,

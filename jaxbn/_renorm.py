@@ -24,9 +24,7 @@ import numpy as np
 from jax import lax
 
 from jaxbn import _checks
-from jaxbn._functional import _checks_more_than_one_value
-from jaxbn._functional import _complement
-from jaxbn._functional import _normalize_masked
+from jaxbn._functional import normalize_masked
 from jaxbn._functional import update_state
 from jaxbn._moments import reduce_moments
 from jaxbn._state import BatchNormState
@@ -111,18 +109,18 @@ def batch_renorm(
     mask = _checks.mask_for(mask, x.shape)
 
   if not training:
-    y = _normalize_masked(x, mask, state.mean, state.var, scale, bias,
+    y = normalize_masked(x, mask, state.mean, state.var, scale, bias,
                           axis=feature_axes, epsilon=epsilon)
     return y, state
 
-  reduction_axes = _complement(feature_axes, x.ndim)
+  reduction_axes = _checks.complement_axes(feature_axes, x.ndim)
   if mask is None and axis_name is None:
-    _checks_more_than_one_value(x.shape, reduction_axes)
+    _checks.more_than_one_value(x.shape, reduction_axes)
   batch = reduce_moments(x, reduction_axes, mask=mask, axis_name=axis_name)
   r, d = _corrections(batch.mean, batch.var, state.mean, state.var,
                             r_max=r_max, d_max=d_max, epsilon=epsilon)
   eff_scale, eff_bias = _effective_affine(scale, bias, r, d, feature_shape)
-  y = _normalize_masked(x, mask, batch.mean, batch.var, eff_scale, eff_bias,
+  y = normalize_masked(x, mask, batch.mean, batch.var, eff_scale, eff_bias,
                         axis=feature_axes, epsilon=epsilon)
   return y, update_state(state, batch, momentum=momentum)
 
