@@ -148,6 +148,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"--batch-size {cfg.batch_size} is not divisible by --devices {cfg.devices}; "
                 "the global batch is split evenly across devices")
+        if cfg.norm == "ghost" and (cfg.batch_size // cfg.devices) % cfg.virtual_batch_size:
+            raise ConfigError(
+                f"--norm ghost splits each device's batch of {cfg.batch_size // cfg.devices} "
+                f"into ghost batches of --virtual-batch-size {cfg.virtual_batch_size}; pick "
+                f"sizes that divide evenly")
         if cfg.norm in ("batch", "ghost", "renorm") and cfg.batch_size // cfg.devices < 2:
             raise ConfigError(
                 f"--norm {cfg.norm} needs at least 2 examples per batch to estimate "

@@ -116,7 +116,8 @@ def make_norm(kind: str, features: int, *, spatial: bool, opts: NormOptions,
 
 def check_norm_available(kind: str, opts: NormOptions = NormOptions()) -> None:
     """Raise NormUnavailable early (before data loading) for missing features."""
-    make_norm(kind, 4, spatial=False, opts=opts, rngs=nnx.Rngs(0))
+    # Abstract evaluation: runs the constructor without computing anything.
+    nnx.eval_shape(lambda: make_norm(kind, 4, spatial=False, opts=opts, rngs=nnx.Rngs(0)))
 
 
 def norm_implementation(kind: str) -> str:
@@ -258,15 +259,28 @@ class ResNet(nnx.Module):
         return self.head(x.mean(axis=(1, 2)))
 
 
-def build_model(name: str, input_shape, *, norm: str, seed: int, opts=NormOptions(),
-                mlp_depth=3, mlp_width=100, activation="sigmoid") -> nnx.Module:
-    """Model ``name`` ('cnn', 'mlp', 'resnet') initialised from ``seed``."""
-    rngs = nnx.Rngs(params=seed)
+def _create(name, input_shape, norm, opts, mlp_depth, mlp_width, activation, seed):
+    # jax.random.key(seed) is what nnx.Rngs(params=<int>) does; spelled out
+    # because here the seed is a traced value.
+    rngs = nnx.Rngs(params=jax.random.key(seed))
     if name == "cnn":
         return CNN(input_shape, norm=norm, opts=opts, rngs=rngs)
     if name == "mlp":
         return MLP(input_shape, norm=norm, opts=opts, rngs=rngs, depth=mlp_depth,
                    width=mlp_width, activation=activation)
-    if name == "resnet":
-        return ResNet(input_shape, norm=norm, opts=opts, rngs=rngs)
-    raise ValueError(f"unknown model {name!r}; choose cnn, mlp or resnet")
+    return ResNet(input_shape, norm=norm, opts=opts, rngs=rngs)
+
+
+# Initialising under jit compiles one program per architecture (the seed is
+# traced, so every seed reuses it); eagerly, every initializer of every
+# distinct shape would be compiled on its own, which takes many seconds.
+_create_jit = nnx.jit(_create, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+
+
+def build_model(name: str, input_shape, *, norm: str, seed: int, opts=NormOptions(),
+                mlp_depth=3, mlp_width=100, activation="sigmoid") -> nnx.Module:
+    """Model ``name`` ('cnn', 'mlp', 'resnet') initialised from ``seed``."""
+    if name not in ("cnn", "mlp", "resnet"):
+        raise ValueError(f"unknown model {name!r}; choose cnn, mlp or resnet")
+    return _create_jit(name, tuple(input_shape), norm, opts, mlp_depth, mlp_width,
+                       activation, jnp.asarray(seed, jnp.uint32))

@@ -128,6 +128,7 @@ def _wait_for_lines(path, n, proc, deadline):
     return False
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_checkpoint_and_resume_matches(tmp_path):
     # Reference: the same run, uninterrupted (in this process).
     import io
@@ -179,3 +180,25 @@ def test_default_run_reaches_97_percent(tmp_path):
     assert summary["test_accuracy"] >= 0.97
     assert summary["config"]["dataset"] == "digits" and summary["config"]["norm"] == "batch"
     print(f"default run: {elapsed:.1f} s wall, {summary['train_seconds']:.1f} s training")
+
+
+def test_two_devices_match_one_device(tmp_path):
+    # Data parallel over 2 host devices: under jit with a sharded batch, batch
+    # norm sees the global batch, so the run matches the single-device one up
+    # to float summation order.
+    import io
+    from train import loop
+    from train.config import Config, resolve
+    args = dict(model="mlp", limit_train=320, batch_size=32, epochs=1)
+    _, ref = loop.run(resolve(Config(out=str(tmp_path / "one"), **args)), stdout=io.StringIO())
+    env = cli_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = run_cli("--model", "mlp", "--limit-train", "320", "--batch-size", "32",
+                   "--epochs", "1", "--devices", "2", "--out", tmp_path / "two", env=env)
+    assert proc.returncode == 0, proc.stderr
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert two["device"].startswith("2 x cpu")
+    np.testing.assert_allclose(two["test_loss"], ref["test_loss"], rtol=1e-4)
+    assert abs(two["test_accuracy"] - ref["test_accuracy"]) <= 1 / 360
+
+    odd = run_cli("--devices", "2", "--batch-size", "33", "--out", tmp_path / "odd", env=env)
+    assert_one_line_error(odd, "not divisible by --devices 2")

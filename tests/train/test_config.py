@@ -48,6 +48,7 @@ def test_config_is_frozen():
     (["--devices", "0"], "--devices must be at least 1"),
     (["--batch-size", "30", "--devices", "4"], "not divisible by --devices 4"),
     (["--batch-size", "1"], "at least 2 examples"),
+    (["--norm", "ghost", "--batch-size", "40", "--virtual-batch-size", "16"], "divide evenly"),
     (["--no-such-flag"], "unrecognized arguments"),
 ])
 def test_bad_values_raise_one_line_config_errors(argv, fragment):
