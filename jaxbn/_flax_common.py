@@ -1,13 +1,18 @@
 """Checks and messages shared by the Flax wrappers (``jaxbn.nnx``, ``jaxbn.linen``).
 
-Only argument handling lives here; the math is in ``jaxbn._functional``.
+Only argument handling and axis bookkeeping live here; the math is in the
+functional core (``_functional``, ``_renorm``, ``_norms``).
 """
 
 from __future__ import annotations
 
 import math
 
+import jax.numpy as jnp
+
 from jaxbn import _checks
+from jaxbn import _norms
+from jaxbn import _renorm
 
 
 def feature_axes(axis, ndim: int) -> tuple[int, ...]:
@@ -45,3 +50,94 @@ def check_num_features(num_features: int, shape, axes: tuple[int, ...], axis) ->
       f'of shape {tuple(shape)} has {math.prod(feature_shape)} features on '
       f'axis={axis!r}; build it with num_features={math.prod(feature_shape)} '
       '(the size of the feature axis) or set `axis` to the feature axis.')
+
+
+# ------------------------------------------------------------- batch renorm
+
+
+def check_renorm_limits(r_max, d_max) -> None:
+  """A limit is a number (checked now) or a schedule ``step -> value``."""
+  # The core's own check, so the messages match jaxbn.batch_renorm's.
+  for value, name, lowest, hint in (
+      (r_max, 'r_max', 1.0, 'r_max=1 disables the variance correction'),
+      (d_max, 'd_max', 0.0, 'd_max=0 disables the mean correction')):
+    if not callable(value):
+      _renorm._check_limit(value, name, lowest, hint)
+
+
+def uses_schedule(layer) -> bool:
+  return callable(getattr(layer, 'r_max', None)) or callable(getattr(layer, 'd_max', None))
+
+
+def renorm_limits(r_max, d_max, step):
+  """``(r_max, d_max)`` at ``step`` (the number of training updates so far).
+
+  Schedules run on the stored step count, so the paper's warm-up advances
+  inside ``jit`` without the caller passing the step.
+  """
+  return (r_max(step) if callable(r_max) else r_max,
+          d_max(step) if callable(d_max) else d_max)
+
+
+# ------------------------------------------------ layer, group, instance norm
+
+
+def check_no_axis_name(cls_name: str, axis_name) -> None:
+  """The stateless norms have no cross-device statistics yet."""
+  if axis_name is not None:
+    raise NotImplementedError(
+        f'{cls_name}(axis_name={axis_name!r}): statistics pooled across '
+        'devices are not supported for layer/group/instance norm; under '
+        'jax.jit with sharded inputs they are global already, so drop '
+        'axis_name, or use the Flax class for shard_map/pmap code.')
+
+
+def group_norm_layout(shape, num_groups, group_size, reduction_axes):
+  """Flax's GroupNorm axes: returns ``(groups, custom_reduction_axes)``.
+
+  ``custom_reduction_axes`` is None for the default (every axis but the
+  batch axis 0), which is :func:`jaxbn.group_norm`'s own layout; otherwise it
+  lists the axes of the grouped input ``shape[:-1] + (groups, size)`` to
+  reduce, the last one being the within-group axis.
+  """
+  ndim = len(shape)
+  channels = shape[-1]
+  if (num_groups is None) == (group_size is None):
+    raise ValueError(
+        'GroupNorm needs exactly one of num_groups and group_size; to give '
+        'group_size pass num_groups=None (its default is 32).')
+  groups = _norms._num_groups(channels, num_groups, group_size)
+  if reduction_axes is None:
+    return groups, None
+  axes = _checks.canonical_axes(reduction_axes, ndim, 'reduction_axes')
+  if axes[-1] != ndim - 1:
+    raise ValueError(
+        f'GroupNorm reduction_axes={reduction_axes!r} must include the last '
+        'axis: the channels, which the groups split.')
+  default = tuple(range(1, ndim))
+  if axes == default:
+    return groups, None
+  return groups, axes[:-1] + (ndim,)
+
+
+def group_norm_call(x, scale, bias, *, num_groups, group_size, reduction_axes,
+                    epsilon, mask, dtype):
+  """Flax's GroupNorm on jaxbn's functions.
+
+  The default axes are :func:`jaxbn.group_norm`'s. Other ``reduction_axes``
+  are :func:`jaxbn.layer_norm` of the grouped input ``(..., groups, size)``
+  over those axes, with ``scale``/``bias`` laid out as ``(groups, size)``.
+  """
+  groups, axes = group_norm_layout(jnp.shape(x), num_groups, group_size, reduction_axes)
+  if axes is None:
+    return _norms.group_norm(x, scale, bias, num_groups=groups, epsilon=epsilon,
+                      mask=mask, dtype=dtype)
+  shape = jnp.shape(x)
+  grouped = shape[:-1] + (groups, shape[-1] // groups)
+  as_grouped = lambda a: None if a is None else jnp.reshape(a, grouped[-2:])
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, shape).reshape(grouped)
+  y = _norms.layer_norm(jnp.reshape(x, grouped), as_grouped(scale), as_grouped(bias),
+                 reduction_axes=axes, feature_axes=(len(shape) - 1, len(shape)),
+                 epsilon=epsilon, mask=mask, dtype=dtype)
+  return y.reshape(shape)

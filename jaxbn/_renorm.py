@@ -44,6 +44,9 @@ def batch_renorm(
     epsilon=1e-5,
     axis_name=None,
     mask=None,
+    axis_index_groups=None,
+    running_var='biased',
+    dtype=None,
 ) -> tuple[jax.Array, BatchNormState]:
   """Batch renormalization with explicit state: returns ``(y, new_state)``.
 
@@ -74,6 +77,10 @@ def batch_renorm(
     axis_name: mapped axis whose devices share the batch statistics.
     mask: boolean, broadcastable to ``x``; ``False`` entries take no part in
       the statistics.
+    axis_index_groups: sub-groups of ``axis_name`` that sync separately.
+    running_var: ``'biased'`` (Flax) or ``'unbiased'`` (PyTorch) running
+      variance; ``r`` and ``d`` always use the stored value as is.
+    dtype: dtype of ``y`` (default ``x.dtype``).
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn
@@ -101,6 +108,8 @@ def batch_renorm(
   _checks.param_matches(bias, 'bias', feature_shape)
   _checks.momentum(momentum)
   _checks.epsilon(epsilon)
+  _checks.running_var(running_var)
+  _checks.axis_groups(axis_name, axis_index_groups)
   _check_limit(r_max, 'r_max', 1.0,
                'r_max=1 disables the variance correction (plain batch norm)')
   _check_limit(d_max, 'd_max', 0.0,
@@ -110,19 +119,20 @@ def batch_renorm(
 
   if not training:
     y = normalize_masked(x, mask, state.mean, state.var, scale, bias,
-                          axis=feature_axes, epsilon=epsilon)
+                          axis=feature_axes, epsilon=epsilon, dtype=dtype)
     return y, state
 
   reduction_axes = _checks.complement_axes(feature_axes, x.ndim)
   if mask is None and axis_name is None:
     _checks.more_than_one_value(x.shape, reduction_axes)
-  batch = reduce_moments(x, reduction_axes, mask=mask, axis_name=axis_name)
+  batch = reduce_moments(x, reduction_axes, mask=mask, axis_name=axis_name,
+                         axis_index_groups=axis_index_groups)
   r, d = _corrections(batch.mean, batch.var, state.mean, state.var,
                             r_max=r_max, d_max=d_max, epsilon=epsilon)
   eff_scale, eff_bias = _effective_affine(scale, bias, r, d, feature_shape)
   y = normalize_masked(x, mask, batch.mean, batch.var, eff_scale, eff_bias,
-                        axis=feature_axes, epsilon=epsilon)
-  return y, update_state(state, batch, momentum=momentum)
+                        axis=feature_axes, epsilon=epsilon, dtype=dtype)
+  return y, update_state(state, batch, momentum=momentum, running_var=running_var)
 
 
 def _corrections(batch_mean, batch_var, mean, var, *, r_max, d_max,
