@@ -3,11 +3,11 @@
 The wrappers only translate arguments and variables, so each is checked
 against the functional core it calls (same arithmetic: tight tolerances)
 and against Flax's class of the same name (same variables; outputs equal up
-to the variance algorithm).
+to the variance algorithm). Their docstring examples run with the module
+doctests in test_nnx.py and test_linen.py.
 """
 
 import dataclasses
-import doctest
 import inspect
 
 import flax.linen as nn
@@ -46,17 +46,6 @@ def _random_affine_inits():
 def _tree_equal(a, b):
   return (jax.tree.structure(a) == jax.tree.structure(b)
           and all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
-
-
-@pytest.mark.parametrize('module', [jaxbn.nnx, jaxbn.linen], ids=['nnx', 'linen'])
-def test_docstring_examples_run(module):
-  names = ('BatchRenorm', 'LayerNorm', 'GroupNorm', 'InstanceNorm')
-  finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
-  for name in names:
-    for test in finder.find(getattr(module, name), name, globs={}):
-      runner.run(test)
-  result = runner.summarize(verbose=False)
-  assert result.attempted > 0 and result.failed == 0
 
 
 # --------------------------------------------------------------- BatchRenorm
