@@ -23,7 +23,7 @@ ACTIVATIONS = ("relu", "sigmoid", "tanh")
 # training images), so it needs many short epochs and small batches; MNIST
 # has 60000 images, so a few epochs of larger batches suffice.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"epochs": 12, "batch_size": 32, "lr": 3e-3},
+    "digits": {"epochs": 8, "batch_size": 32, "lr": 3e-3},
     "mnist": {"epochs": 3, "batch_size": 128, "lr": 2e-3},
     "fashion-mnist": {"epochs": 5, "batch_size": 128, "lr": 2e-3},
 }

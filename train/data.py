@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import os
 import struct
 import tempfile
@@ -81,19 +82,41 @@ class Dataset(NamedTuple):
 
 
 def load_digits() -> Dataset:
-    """scikit-learn's 8x8 digits, with a fixed stratified 1437/360 split."""
-    from sklearn.datasets import load_digits as _load
-    from sklearn.model_selection import train_test_split
+    """scikit-learn's 8x8 digits with a fixed, stratified 1437/360 split."""
+    images, target = _digits_arrays()
+    x = (images.astype(np.float32) / 16.0)[..., None]
+    y = target.astype(np.int32)
+    train_idx, test_idx = _stratified_split(y, every=5, seed=0)
+    x_tr, x_te = _standardize(x[train_idx], x[test_idx])
+    return Dataset("digits", x_tr, y[train_idx], x_te, y[test_idx])
 
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    # Read the CSV that ships inside scikit-learn directly: importing
+    # sklearn.datasets pulls in scipy and costs seconds of start-up time.
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if path is not None and path.is_file():
+        with gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",")
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits as _load
     bunch = _load()
-    x = (bunch.images.astype(np.float32) / 16.0)[..., None]
-    y = bunch.target.astype(np.int32)
-    # random_state is fixed on purpose: the split is part of the benchmark,
-    # not of the run, so every seed sees the same test set.
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=360, stratify=y, random_state=0)
-    x_tr, x_te = _standardize(x_tr, x_te)
-    return Dataset("digits", x_tr, y_tr, x_te, y_te)
+    return bunch.images, bunch.target
+
+
+def _stratified_split(y: np.ndarray, *, every: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every ``every``-th example of each class (after a seeded shuffle) is test.
+
+    The seed is fixed on purpose: the split belongs to the benchmark, not to
+    the run, so every --seed sees the same test set. Training indices keep
+    the shuffled order, so a --limit-train prefix mixes all classes.
+    """
+    perm = np.random.default_rng(seed).permutation(len(y))
+    by_class = perm[np.argsort(y[perm], kind="stable")]
+    is_test = np.zeros(len(y), bool)
+    is_test[by_class[::every]] = True
+    return perm[~is_test[perm]], np.flatnonzero(is_test)
 
 
 def _standardize(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -283,6 +283,7 @@ class Bookkeeping:
     steady_time: float = 0.0    # step time excluding each segment's first (compiling) step
     steady_images: int = 0
     train_seconds: float = 0.0  # wall time spent in earlier segments
+    last_lr: float | None = None
     last_epoch: dict | None = None
 
     def new_epoch(self, epoch: int) -> None:
@@ -337,7 +338,7 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
 
 @functools.lru_cache(maxsize=16)
 def compiled_steps(graphdefs, optimizer, schedule_name, lr, weight_decay, total_steps, mesh):
-    """Optimizer, schedule and jitted steps, shared by runs in one process.
+    """Jitted state init, train and eval steps, shared by runs in one process.
 
     Keyed on everything the compiled programs depend on (graphdefs are
     hashable and equal for equal architectures), so several seeds run from a
@@ -348,7 +349,10 @@ def compiled_steps(graphdefs, optimizer, schedule_name, lr, weight_decay, total_
     train_step, eval_step = steps.jit_steps(
         steps.make_train_step(graphdefs.train, tx, schedule),
         steps.make_eval_step(graphdefs.eval), mesh)
-    return tx, schedule, train_step, eval_step
+    # One compiled program instead of an eager op (and a compilation) per
+    # distinct parameter shape in the optimizer's init.
+    init = jax.jit(lambda params, model_state, seed: steps.init_state(params, model_state, tx, seed))
+    return init, train_step, eval_step
 
 
 def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, interrupt_at_step):
@@ -357,9 +361,9 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                                activation=cfg.activation)
     graphdefs, params, model_state = steps.split_model(model)
     param_count = int(sum(np.size(p) for p in jax.tree.leaves(params)))
-    tx, schedule, train_step, eval_step = compiled_steps(
+    init, train_step, eval_step = compiled_steps(
         graphdefs, cfg.optimizer, cfg.schedule, cfg.lr, cfg.weight_decay, total_steps, mesh)
-    state = steps.init_state(params, model_state, tx, cfg.seed)
+    state = init(params, model_state, np.uint32(cfg.seed))
 
     ckpt_root = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
@@ -421,6 +425,7 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                            "loss": _finite_or_none(loss), "accuracy": acc,
                            "lr": float(m["lr"]), "grad_norm": _finite_or_none(float(m["grad_norm"])),
                            "step_time": dt, "finite": finite, "bad_steps": int(m["bad_steps"])})
+                    book.last_lr = float(m["lr"])
                     book.images_total += len(xb)
                     book.epoch_images += len(xb)
                     book.epoch_step_time += dt
@@ -456,7 +461,7 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                        "train_loss": book.loss_sum / n_ok if n_ok else None,
                        "train_accuracy": book.acc_sum / n_ok if n_ok else None,
                        "test_loss": test_loss, "test_accuracy": test_acc,
-                       "lr": float(schedule(int(state.step))),
+                       "lr": book.last_lr,
                        "epoch_seconds": book.epoch_step_time + time.perf_counter() - t_eval,
                        "images_per_second": book.epoch_images / max(book.epoch_step_time, 1e-9)}
                 write(rec)

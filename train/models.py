@@ -11,6 +11,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # Single import point for the library's modules.
@@ -140,7 +141,7 @@ class ConvNormAct(nnx.Module):
     def __init__(self, cin, cout, *, norm, opts, rngs, stride=1, act=True):
         spec = NORMS[norm]
         self.conv = nnx.Conv(cin, cout, (3, 3), strides=stride, padding="SAME",
-                             use_bias=not spec.has_bias, rngs=rngs)
+                             use_bias=not spec.has_bias, kernel_init=KERNEL_INIT, rngs=rngs)
         self.norm = make_norm(norm, cout, spatial=True, opts=opts, rngs=rngs)
         self.act = act
 
@@ -152,12 +153,18 @@ class ConvNormAct(nnx.Module):
 class DenseNormAct(nnx.Module):
     def __init__(self, din, dout, *, norm, opts, rngs, activation=jax.nn.relu):
         spec = NORMS[norm]
-        self.linear = nnx.Linear(din, dout, use_bias=not spec.has_bias, rngs=rngs)
+        self.linear = nnx.Linear(din, dout, use_bias=not spec.has_bias,
+                                 kernel_init=KERNEL_INIT, rngs=rngs)
         self.norm = make_norm(norm, dout, spatial=False, opts=opts, rngs=rngs)
         self.activation = activation
 
     def __call__(self, x):
         return self.activation(self.norm(self.linear(x)))
+
+
+# LeCun uniform: the variance of flax's default (LeCun normal) without the
+# truncated-normal sampler, which is slow to compile on CPU.
+KERNEL_INIT = nnx.initializers.variance_scaling(1.0, "fan_in", "uniform")
 
 
 def _max_pool(x):
@@ -181,7 +188,7 @@ class CNN(nnx.Module):
         self.block2 = ConvNormAct(channels[0], channels[1], norm=norm, opts=opts, rngs=rngs)
         flat = _pooled(h, 2) * _pooled(w, 2) * channels[1]
         self.dense = DenseNormAct(flat, hidden, norm=norm, opts=opts, rngs=rngs)
-        self.head = nnx.Linear(hidden, NUM_CLASSES, rngs=rngs)
+        self.head = nnx.Linear(hidden, NUM_CLASSES, kernel_init=KERNEL_INIT, rngs=rngs)
 
     def __call__(self, x):
         x = _max_pool(self.block1(x))
@@ -208,7 +215,7 @@ class MLP(nnx.Module):
                                        activation=act))
             din = width
         self.layers = nnx.List(layers)
-        self.head = nnx.Linear(din, NUM_CLASSES, rngs=rngs)
+        self.head = nnx.Linear(din, NUM_CLASSES, kernel_init=KERNEL_INIT, rngs=rngs)
 
     def __call__(self, x):
         x = x.reshape(x.shape[0], -1)
@@ -226,7 +233,8 @@ class ResidualBlock(nnx.Module):
         if stride != 1 or cin != cout:
             spec = NORMS[norm]
             self.proj = nnx.Conv(cin, cout, (1, 1), strides=stride, padding="SAME",
-                                 use_bias=not spec.has_bias, rngs=rngs)
+                                 use_bias=not spec.has_bias, kernel_init=KERNEL_INIT,
+                                 rngs=rngs)
             self.proj_norm = make_norm(norm, cout, spatial=True, opts=opts, rngs=rngs)
         else:
             self.proj = None
@@ -250,7 +258,7 @@ class ResNet(nnx.Module):
                                         norm=norm, opts=opts, rngs=rngs))
             cin = cout
         self.blocks = nnx.List(blocks)
-        self.head = nnx.Linear(cin, NUM_CLASSES, rngs=rngs)
+        self.head = nnx.Linear(cin, NUM_CLASSES, kernel_init=KERNEL_INIT, rngs=rngs)
 
     def __call__(self, x):
         x = self.stem(x)
@@ -260,9 +268,11 @@ class ResNet(nnx.Module):
 
 
 def _create(name, input_shape, norm, opts, mlp_depth, mlp_width, activation, seed):
-    # jax.random.key(seed) is what nnx.Rngs(params=<int>) does; spelled out
-    # because here the seed is a traced value.
-    rngs = nnx.Rngs(params=jax.random.key(seed))
+    # The "rbg" generator: with the default threefry, XLA spends several
+    # seconds compiling this one-off init program on CPU; rbg compiles in a
+    # fraction of that. (Its bits differ between backends, which only
+    # matters for comparing inits across CPU and GPU.)
+    rngs = nnx.Rngs(params=jax.random.key(seed, impl="rbg"))
     if name == "cnn":
         return CNN(input_shape, norm=norm, opts=opts, rngs=rngs)
     if name == "mlp":
@@ -283,4 +293,4 @@ def build_model(name: str, input_shape, *, norm: str, seed: int, opts=NormOption
     if name not in ("cnn", "mlp", "resnet"):
         raise ValueError(f"unknown model {name!r}; choose cnn, mlp or resnet")
     return _create_jit(name, tuple(input_shape), norm, opts, mlp_depth, mlp_width,
-                       activation, jnp.asarray(seed, jnp.uint32))
+                       activation, np.uint32(seed))

@@ -19,7 +19,19 @@ def test_digits_split_is_fixed_stratified_and_standardized():
     np.testing.assert_array_equal(a.y_train, b.y_train)
     assert abs(float(a.x_train.mean())) < 1e-4 and abs(float(a.x_train.std()) - 1) < 1e-4
     counts = np.bincount(a.y_test, minlength=10)
-    assert counts.min() >= 35 and counts.max() <= 37  # stratified: ~36 per class
+    assert counts.min() >= 34 and counts.max() <= 37  # stratified: a fifth of each class
+    train_idx, test_idx = data._stratified_split(np.repeat(np.arange(10), 180), every=5, seed=0)
+    assert len(set(train_idx) | set(test_idx)) == 1800 and not set(train_idx) & set(test_idx)
+    first = a.y_train[:64]
+    assert len(set(first.tolist())) == 10  # a --limit-train prefix mixes the classes
+
+
+def test_digits_match_scikit_learn():
+    from sklearn.datasets import load_digits
+    images, target = data._digits_arrays()
+    bunch = load_digits()
+    np.testing.assert_array_equal(images, bunch.images)
+    np.testing.assert_array_equal(target, bunch.target)
 
 
 # ---------------------------------------------------------------- batching
