@@ -6,33 +6,37 @@ import sys
 
 from train.config import Config, ConfigError, explicit_args, resolve
 
+PROG = "python -m train"
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
 
 def main(argv=None) -> int:
     try:
         explicit = explicit_args(argv)
-        cfg = resolve(Config(**explicit))  # cheap checks before importing jax
+        resolve(Config(**explicit))  # cheap checks before importing jax
+    except ConfigError as e:
+        return _fail(str(e), 2)
+    try:
         from train import loop
         from train.checkpoint import CheckpointError
         from train.data import DataError
-        if cfg.resume:
-            cfg = loop.resume_config(explicit)
-        code, _ = loop.run(cfg)
-        return code
-    except ConfigError as e:
-        print(f"python -m train: error: {e}", file=sys.stderr)
-        return 2
+        try:
+            cfg = loop.resume_config(explicit) if explicit.get("resume") else resolve(
+                Config(**explicit))
+            code, _ = loop.run(cfg)
+            return code
+        except ConfigError as e:
+            return _fail(str(e), 2)
+        except (DataError, loop.RunError, CheckpointError) as e:
+            # Known, user-fixable failures get one line; anything else is a
+            # bug and keeps its traceback.
+            return _fail(str(e), 1)
     except KeyboardInterrupt:
-        print("python -m train: interrupted before training started; nothing to save",
-              file=sys.stderr)
-        return 130
-    except Exception as e:
-        # Known, user-fixable failures get one line; anything else is a bug
-        # and keeps its traceback.
-        known = ("DataError", "RunError", "CheckpointError")
-        if type(e).__name__ in known and type(e).__module__.startswith("train."):
-            print(f"python -m train: error: {e}", file=sys.stderr)
-            return 1
-        raise
+        return _fail("interrupted before training started; nothing to save", 130)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shlex
 from typing import Any, Sequence
 
 DATASETS = ("digits", "mnist", "fashion-mnist")
@@ -80,21 +79,6 @@ class Config:
     def training_dict(self) -> dict[str, Any]:
         """The fields that must match for a resumed run to be exact."""
         return {k: getattr(self, k) for k in TRAINING_FIELDS}
-
-    def command_line(self) -> str:
-        """A ``python -m train`` command that reproduces this config."""
-        parts = ["python", "-m", "train"]
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name == "resume" or value is None or value == field.default:
-                continue
-            flag = "--" + field.name.replace("_", "-")
-            if isinstance(value, bool):
-                if value:
-                    parts.append(flag)
-            else:
-                parts += [flag, str(value)]
-        return " ".join(shlex.quote(p) for p in parts)
 
 
 def default_out_dir(cfg: Config) -> str:

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import signal
 import sys
 import time
@@ -37,10 +38,6 @@ KEEP_CHECKPOINTS = 3
 
 class RunError(Exception):
     """The run cannot start or continue; the message names the fix."""
-
-
-class Stopped(Exception):
-    """Training stopped early (too many non-finite steps)."""
 
 
 # --------------------------------------------------------------------------
@@ -127,7 +124,8 @@ def resume_config(explicit: dict[str, Any]) -> Config:
             raise ConfigError(
                 f"--{key.replace('_', '-')} {value} differs from the run in {probe.out} "
                 f"({saved[key]}); drop the option to resume, or choose another --out")
-    merged = {k: v for k, v in saved.items() if k in TRAINING_FIELDS}
+    known = {f.name for f in dataclasses.fields(Config)}
+    merged = {k: v for k, v in saved.items() if k in known and k not in ("out", "resume")}
     merged.update(explicit)
     merged.setdefault("out", probe.out)
     return resolve(Config(**merged))
@@ -291,6 +289,39 @@ class Bookkeeping:
         self.loss_sum = self.acc_sum = self.epoch_step_time = 0.0
         self.finite_steps = self.epoch_images = 0
 
+    def add_step(self, m: dict, images: int, seconds: float, *, compiling: bool) -> dict:
+        """Account for one train step (host metrics ``m``); return its log record."""
+        self.batch += 1
+        finite = bool(m["finite"])
+        loss, acc, lr = float(m["loss"]), float(m["accuracy"]), float(m["lr"])
+        self.last_lr = lr
+        self.images_total += images
+        self.epoch_images += images
+        self.epoch_step_time += seconds
+        if not compiling:
+            self.steady_time += seconds
+            self.steady_images += images
+        if finite:
+            self.loss_sum += loss
+            self.acc_sum += acc
+            self.finite_steps += 1
+        else:
+            self.bad_total += 1
+        return {"kind": "step", "step": None, "epoch": self.epoch + 1,
+                "loss": _finite_or_none(loss), "accuracy": acc, "lr": lr,
+                "grad_norm": _finite_or_none(float(m["grad_norm"])), "step_time": seconds,
+                "finite": finite, "bad_steps": int(m["bad_steps"])}
+
+    def epoch_record(self, step: int, test_loss: float, test_acc: float,
+                     eval_seconds: float) -> dict:
+        n = self.finite_steps
+        return {"kind": "epoch", "epoch": self.epoch + 1, "step": step,
+                "train_loss": self.loss_sum / n if n else None,
+                "train_accuracy": self.acc_sum / n if n else None,
+                "test_loss": test_loss, "test_accuracy": test_acc, "lr": self.last_lr,
+                "epoch_seconds": self.epoch_step_time + eval_seconds,
+                "images_per_second": self.epoch_images / max(self.epoch_step_time, 1e-9)}
+
 
 # --------------------------------------------------------------------------
 # the run
@@ -400,8 +431,12 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                                  + time.perf_counter() - segment_start)
         meta = {"bookkeeping": dataclasses.asdict(bk), "config": cfg.to_dict(),
                 "metrics_bytes": metrics_file.tell(), "created": time.time()}
-        return checkpoint.save(ckpt_root, state, meta, position=book.epoch * spe + book.batch,
-                               keep=KEEP_CHECKPOINTS)
+        try:
+            return checkpoint.save(ckpt_root, state, meta,
+                                   position=book.epoch * spe + book.batch, keep=KEEP_CHECKPOINTS)
+        except OSError as e:
+            raise RunError(f"cannot write a checkpoint into {ckpt_root}: "
+                           f"{e.strerror or e}") from None
 
     def write(rec: dict) -> None:
         metrics_file.write(json.dumps(rec) + "\n")
@@ -417,37 +452,18 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                     state, m = train_step(state, steps.place_batch((xb, yb), mesh))
                     m = jax.device_get(m)
                     dt = time.perf_counter() - t0
-                    book.batch += 1
-                    gstep = epoch * spe + book.batch
-                    finite = bool(m["finite"])
-                    loss, acc = float(m["loss"]), float(m["accuracy"])
-                    write({"kind": "step", "step": gstep, "epoch": epoch + 1,
-                           "loss": _finite_or_none(loss), "accuracy": acc,
-                           "lr": float(m["lr"]), "grad_norm": _finite_or_none(float(m["grad_norm"])),
-                           "step_time": dt, "finite": finite, "bad_steps": int(m["bad_steps"])})
-                    book.last_lr = float(m["lr"])
-                    book.images_total += len(xb)
-                    book.epoch_images += len(xb)
-                    book.epoch_step_time += dt
-                    if first_step:
-                        first_step = False  # includes compilation
-                    else:
-                        book.steady_time += dt
-                        book.steady_images += len(xb)
-                    if finite:
-                        book.loss_sum += loss
-                        book.acc_sum += acc
-                        book.finite_steps += 1
-                    else:
-                        book.bad_total += 1
-                        if int(m["bad_steps"]) >= cfg.max_bad_steps:
-                            metrics_file.flush()
-                            raise Stopped(
-                                f"stopped at step {gstep}: {int(m['bad_steps'])} consecutive "
-                                f"steps had a non-finite loss or gradient (parameters kept "
-                                f"from the last good step); lower --lr or check the data")
-                    ips = len(xb) / dt if dt > 0 else 0.0
-                    progress.step(epoch, book.batch - 1, loss, acc, ips)
+                    rec = book.add_step(m, len(xb), dt, compiling=first_step)
+                    first_step = False
+                    gstep = rec["step"] = epoch * spe + book.batch
+                    write(rec)
+                    if rec["bad_steps"] >= cfg.max_bad_steps:
+                        metrics_file.flush()
+                        raise RunError(
+                            f"stopped at step {gstep}: {rec['bad_steps']} consecutive steps "
+                            f"had a non-finite loss or gradient (parameters kept from the "
+                            f"last good step); lower --lr or check the data")
+                    progress.step(epoch, book.batch - 1, m["loss"], m["accuracy"],
+                                  len(xb) / dt if dt > 0 else 0.0)
                     if interrupt_at_step is not None and gstep == interrupt_at_step:
                         flag.signum = signal.SIGINT
                     if flag:
@@ -456,14 +472,8 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                 t_eval = time.perf_counter()
                 test_loss, test_acc = evaluate(eval_step, state, dataset.x_test, dataset.y_test,
                                                eval_bs, mesh)
-                n_ok = book.finite_steps
-                rec = {"kind": "epoch", "epoch": epoch + 1, "step": (epoch + 1) * spe,
-                       "train_loss": book.loss_sum / n_ok if n_ok else None,
-                       "train_accuracy": book.acc_sum / n_ok if n_ok else None,
-                       "test_loss": test_loss, "test_accuracy": test_acc,
-                       "lr": book.last_lr,
-                       "epoch_seconds": book.epoch_step_time + time.perf_counter() - t_eval,
-                       "images_per_second": book.epoch_images / max(book.epoch_step_time, 1e-9)}
+                rec = book.epoch_record((epoch + 1) * spe, test_loss, test_acc,
+                                        time.perf_counter() - t_eval)
                 write(rec)
                 progress.epoch(rec)
                 book.last_epoch = {k: rec[k] for k in ("test_loss", "test_accuracy",
@@ -472,18 +482,9 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                 save_checkpoint()
                 if flag:
                     return _interrupted(cfg, flag, save_checkpoint, progress, (epoch + 1) * spe)
-    except Stopped as e:
-        metrics_file.close()
-        raise RunError(str(e)) from None
     finally:
-        if not metrics_file.closed:
-            metrics_file.close()
+        metrics_file.close()
 
-    if book.last_epoch is None:  # nothing trained (e.g. --epochs 0 never happens)
-        test_loss, test_acc = evaluate(eval_step, state, dataset.x_test, dataset.y_test,
-                                       eval_bs, mesh)
-        book.last_epoch = {"test_loss": test_loss, "test_accuracy": test_acc,
-                           "train_loss": None, "train_accuracy": None}
     train_seconds = book.train_seconds + time.perf_counter() - segment_start
     ips = book.steady_images / book.steady_time if book.steady_time > 0 else 0.0
     summary = {
@@ -521,12 +522,10 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
 def _interrupted(cfg, flag, save_checkpoint, progress, gstep) -> tuple[int, None]:
     path = save_checkpoint()
     name = signal.Signals(flag.signum).name
-    resume_cmd = dataclasses.replace(cfg, out=cfg.out).command_line()
-    if "--out" not in resume_cmd:
-        resume_cmd += f" --out {cfg.out}"
+    # --resume reads every setting back from the checkpoint.
     progress.message(
         f"{name}: stopped after step {gstep}; checkpoint saved in {path}. "
-        f"Resume with: {resume_cmd} --resume")
+        f"Resume with: python -m train --out {shlex.quote(str(cfg.out))} --resume")
     return EXIT_INTERRUPTED if flag.signum == signal.SIGINT else 128 + flag.signum, None
 
 

@@ -177,3 +177,21 @@ def test_mnist_downloaded_from_a_local_mirror(tmp_path, server):
     assert code == 0 and len(requests) == 4 and "downloading" in text
     assert summary["test_examples"] == 10000 and summary["train_examples"] == 1024
     assert summary["test_accuracy"] > 0.7
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_terminal_plain_lines_otherwise(tmp_path):
+    term = _Terminal()
+    code, _ = loop.run(tiny(tmp_path / "a", limit_train=320), stdout=term)
+    text = term.getvalue()
+    assert code == 0 and "\r" in text and "img/s" in text and "[" in text
+    plain = io.StringIO()
+    loop.run(tiny(tmp_path / "b", limit_train=320), stdout=plain)
+    lines = plain.getvalue().splitlines()
+    assert "\r" not in plain.getvalue()
+    assert lines[0].startswith("epoch 1/1  train loss")
+    assert lines[1].startswith("test accuracy ")
