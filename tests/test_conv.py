@@ -1,0 +1,186 @@
+"""train.conv: Conv and max_pool against flax.nnx.Conv and nnx.max_pool."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.test_util import check_grads
+
+from train.conv import Conv, conv, kernel_grad, max_pool
+
+# (input shape, out features, kernel size, strides, padding): the CNN's and
+# ResNet's layers (3x3 'SAME', stride 1 and 2, 1x1 projections), plus VALID,
+# explicit and asymmetric padding, a non-square kernel and a 1-D conv.
+CASES = [
+    ((4, 9, 9, 3), 5, (3, 3), 1, "SAME"),
+    ((4, 9, 9, 3), 5, (3, 3), 2, "SAME"),
+    ((3, 8, 7, 2), 4, (1, 1), 2, "SAME"),
+    ((3, 8, 7, 2), 4, (3, 2), 1, "VALID"),
+    ((3, 8, 7, 2), 4, (3, 3), (2, 1), ((2, 0), (1, 1))),
+    ((5, 11, 3), 4, (3,), 1, "SAME"),
+]
+
+
+def _normal(seed, shape, dtype=np.float32):
+    # NumPy draws: jax.random would compile a program for every shape.
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def _pair(shape, cout, kernel_size, strides, padding, use_bias=True, seed=0):
+    kwargs = dict(strides=strides, padding=padding, use_bias=use_bias)
+    ref = nnx.Conv(shape[-1], cout, kernel_size, rngs=nnx.Rngs(seed), **kwargs)
+    new = Conv(shape[-1], cout, kernel_size, rngs=nnx.Rngs(seed), **kwargs)
+    return ref, new
+
+
+def _loss(model, x, g):
+    return jnp.sum(model(x) * g)
+
+
+# Jitted: one compilation per test instead of one per eager op.
+_grads = nnx.jit(nnx.grad(_loss, argnums=(0, 1)))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_same_parameters_and_outputs_as_flax(case, use_bias):
+    ref, new = _pair(*case, use_bias=use_bias)
+    assert jax.tree.map(jnp.shape, nnx.state(ref, nnx.Param)) == \
+        jax.tree.map(jnp.shape, nnx.state(new, nnx.Param))
+    np.testing.assert_array_equal(ref.kernel[...], new.kernel[...])
+    if use_bias:
+        np.testing.assert_array_equal(ref.bias[...], new.bias[...])
+    else:
+        assert new.bias is None
+    x = _normal(1, case[0])
+    # The forward pass is the same lax call: bit-identical.
+    np.testing.assert_array_equal(ref(x), new(x))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gradients_match_flax(case):
+    ref, new = _pair(*case)
+    x = _normal(1, case[0])
+    g = _normal(2, ref(x).shape)
+    ref_grads, ref_dx = _grads(ref, x, g)
+    new_grads, new_dx = _grads(new, x, g)
+    # Input and bias gradients come from the same XLA ops as Flax's: identical.
+    np.testing.assert_array_equal(ref_dx, new_dx)
+    np.testing.assert_array_equal(ref_grads.bias[...], new_grads.bias[...])
+    # The kernel gradient sums the same products in another order. Rounding
+    # a float32 sum of n terms errs by at most about n * eps * sum|terms|
+    # (sequential summation; blocked sums do better); check against the
+    # exact (float64) sum with that bound, and that the error is of the same
+    # size as Flax's own.
+    exact, magnitude, n = _exact_kernel_grad(x, g, case)
+    eps = np.finfo(np.float32).eps
+    new_err = np.abs(np.asarray(new_grads.kernel[...], np.float64) - exact)
+    ref_err = np.abs(np.asarray(ref_grads.kernel[...], np.float64) - exact)
+    assert np.all(new_err <= n * eps * magnitude)
+    assert new_err.max() <= 4 * ref_err.max() + 4 * eps * magnitude.max()
+
+
+def _exact_kernel_grad(x, g, case):
+    """Float64 kernel gradient, the same with |x| and |g| (sum of |terms|), and terms per entry."""
+    shape, cout, kernel_size, strides, padding = case
+    x64, g64 = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    with jax.enable_x64(True):
+        # The kernel gradient does not depend on the kernel: zeros need no RNG.
+        ref = nnx.Conv(shape[-1], cout, kernel_size, strides=strides, padding=padding,
+                       param_dtype=jnp.float64, kernel_init=nnx.initializers.zeros,
+                       rngs=nnx.Rngs(0))
+        grad = nnx.jit(nnx.grad(_loss))
+        exact = grad(ref, jnp.asarray(x64), jnp.asarray(g64)).kernel[...]
+        magnitude = grad(ref, jnp.asarray(np.abs(x64)), jnp.asarray(np.abs(g64))).kernel[...]
+    n = math.prod(g.shape[:-1])
+    return np.asarray(exact), np.asarray(magnitude), n
+
+
+@pytest.mark.parametrize("case,order", [(case, 1) for case in CASES] + [(CASES[1], 2)])
+def test_check_grads_float64_reverse_mode(case, order):
+    shape, cout, kernel_size, strides, padding = case
+    with jax.enable_x64(True):
+        x = _normal(1, shape, np.float64)
+        kernel = _normal(2, kernel_size + (shape[-1], cout), np.float64)
+        strides = (strides,) * len(kernel_size) if isinstance(strides, int) else strides
+        f = jax.jit(lambda x, k: jnp.sin(conv(x, k, strides, padding)))
+        check_grads(f, (x, kernel), order=order, modes=["rev"])
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 7, 100])
+def test_kernel_grad_chunking_is_exact(chunk):
+    # Chunks that do not divide the batch leave a remainder handled apart.
+    x, dy = _normal(1, (7, 6, 5, 3)), _normal(2, (7, 6, 5, 4))
+    pads = ((1, 1), (1, 1))
+    whole = jax.jit(kernel_grad, static_argnums=(2, 3, 4, 5))(x, dy, (3, 3), (1, 1), pads, 7)
+    chunked = jax.jit(kernel_grad, static_argnums=(2, 3, 4, 5))(x, dy, (3, 3), (1, 1), pads, chunk)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_inputs():
+    ref, new = _pair((4, 8, 8, 3), 5, (3, 3), 1, "SAME")
+    x = jnp.asarray(_normal(1, (4, 8, 8, 3)), jnp.bfloat16)
+    g = jnp.asarray(_normal(2, (4, 8, 8, 5)), jnp.bfloat16)
+    np.testing.assert_array_equal(ref(x), new(x))
+    ref_grads, _ = _grads(ref, x, g)
+    new_grads, _ = _grads(new, x, g)
+    assert new_grads.kernel[...].dtype == jnp.float32
+    np.testing.assert_allclose(new_grads.kernel[...], ref_grads.kernel[...], rtol=2e-2, atol=2e-1)
+
+
+def test_works_under_jit_in_a_model():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = Conv(1, 4, (3, 3), rngs=rngs)
+            self.norm = nnx.BatchNorm(4, rngs=rngs)
+
+        def __call__(self, x):
+            return jax.nn.relu(self.norm(self.conv(x))).mean()
+
+    model = Net(nnx.Rngs(0))
+    grads = nnx.jit(nnx.grad(lambda m, x: m(x)))(model, jnp.ones((2, 6, 6, 1)))
+    assert grads.conv.kernel[...].shape == (3, 3, 1, 4)
+    assert np.all(np.isfinite(grads.conv.kernel[...]))
+
+
+def test_rejects_unsupported_padding_and_shapes():
+    with pytest.raises(ValueError, match="not supported by train.conv.Conv"):
+        Conv(1, 2, (3, 3), padding="CIRCULAR", rngs=nnx.Rngs(0))
+    layer = Conv(1, 2, (3, 3), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="one batch axis"):
+        layer(jnp.ones((2, 3, 5, 5, 1)))
+
+
+# --------------------------------------------------------------------------
+# max_pool
+
+
+def _flax_pool(x):
+    return nnx.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (2, 7, 9, 3), (1, 1, 1, 2)])
+def test_max_pool_matches_flax_including_ties(shape):
+    x = _normal(3, shape)
+    inputs = {
+        "continuous": x,
+        # Rounded values and a ReLU give many tied maxima, including all-zero
+        # windows: the whole gradient must go to the first maximum.
+        "ties": np.round(x),
+        "relu ties": np.maximum(np.round(x), 0),
+    }
+    g = _normal(4, _flax_pool(x).shape)
+    pool_and_grad = lambda pool: jax.jit(jax.value_and_grad(lambda x: jnp.sum(pool(x) * g)))
+    ref, new = pool_and_grad(_flax_pool), pool_and_grad(max_pool)
+    for name, x in inputs.items():
+        np.testing.assert_array_equal(_flax_pool(x), max_pool(x), err_msg=name)
+        np.testing.assert_array_equal(ref(x)[1], new(x)[1], err_msg=name)
+
+
+def test_max_pool_check_grads_float64():
+    with jax.enable_x64(True):
+        x = _normal(5, (2, 6, 5, 3), np.float64)
+        check_grads(jax.jit(lambda x: jnp.sin(max_pool(x))), (x,), order=1, modes=["rev"])
