@@ -17,6 +17,8 @@ NORMS = ("batch", "none", "layer", "group", "ghost", "renorm")
 OPTIMIZERS = ("adam", "sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
 ACTIVATIONS = ("relu", "sigmoid", "tanh")
+# Normalizations that compute statistics across the batch.
+BATCH_STAT_NORMS = ("batch", "ghost", "renorm")
 
 # Defaults that depend on the dataset: the 8x8 digits set is tiny (1437
 # training images), so it needs many short epochs and small batches; MNIST
@@ -137,7 +139,7 @@ def validate(cfg: Config) -> None:
                 f"--norm ghost splits each device's batch of {cfg.batch_size // cfg.devices} "
                 f"into ghost batches of --virtual-batch-size {cfg.virtual_batch_size}; pick "
                 f"sizes that divide evenly")
-        if cfg.norm in ("batch", "ghost", "renorm") and cfg.batch_size // cfg.devices < 2:
+        if cfg.norm in BATCH_STAT_NORMS and cfg.batch_size // cfg.devices < 2:
             raise ConfigError(
                 f"--norm {cfg.norm} needs at least 2 examples per batch to estimate "
                 f"statistics; raise --batch-size (got {cfg.batch_size})")

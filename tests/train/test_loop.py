@@ -195,3 +195,14 @@ def test_progress_bar_on_a_terminal_plain_lines_otherwise(tmp_path):
     assert "\r" not in plain.getvalue()
     assert lines[0].startswith("epoch 1/1  train loss")
     assert lines[1].startswith("test accuracy ")
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path):
+    out = tmp_path / "run"
+    _, first, _ = run(tiny(out))
+    before = (out / "metrics.jsonl").read_bytes()
+    code, again, text = run(tiny(out, resume=True))
+    assert code == 0 and "resuming from" in text
+    assert (out / "metrics.jsonl").read_bytes() == before
+    assert again["test_loss"] == first["test_loss"]
+    assert again["test_accuracy"] == first["test_accuracy"]

@@ -92,3 +92,11 @@ def test_unavailable_norms_fail_early_with_a_clear_message(kind):
     else:  # the library provides it: then it must build and run
         model = models.build_model("mlp", (8, 8, 1), norm=kind, seed=0)
         assert _forward(model, jnp.ones((32, 8, 8, 1))).shape == (32, 10)
+
+
+def test_config_knows_which_norms_need_batches():
+    # config.py stays free of jax, so it keeps its own list; it must agree.
+    from train import config
+    needs = {k for k, spec in models.NORMS.items() if spec.uses_batch}
+    assert needs == set(config.BATCH_STAT_NORMS)
+    assert set(models.NORMS) == set(config.NORMS)
