@@ -25,8 +25,8 @@ BATCH_STAT_NORMS = ("batch", "ghost", "renorm")
 # has 60000 images, so a few epochs of larger batches suffice.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {"epochs": 8, "batch_size": 32, "lr": 3e-3},
-    "mnist": {"epochs": 3, "batch_size": 128, "lr": 2e-3},
-    "fashion-mnist": {"epochs": 5, "batch_size": 128, "lr": 2e-3},
+    "mnist": {"epochs": 2, "batch_size": 128, "lr": 2e-3},
+    "fashion-mnist": {"epochs": 4, "batch_size": 128, "lr": 2e-3},
 }
 
 # Fields that change what is computed. Resuming a run with a different value

@@ -512,10 +512,11 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                        title=f"{cfg.dataset} {cfg.model} norm={cfg.norm} seed={cfg.seed}")
     except Exception as e:  # plots are a convenience; never lose a finished run over them
         progress.message(f"warning: could not draw plots: {e}")
+    progress.message(f"wrote summary.json, metrics.jsonl, loss.png, accuracy.png and "
+                     f"checkpoints/ in {out}")
     progress.message(
         f"test accuracy {100 * summary['test_accuracy']:.2f}% (test loss "
         f"{summary['test_loss']:.4f}) in {train_seconds:.1f} s, {ips:.0f} images/s")
-    progress.message(f"wrote {out}/summary.json, metrics.jsonl, loss.png, accuracy.png")
     return 0, summary
 
 

@@ -22,7 +22,8 @@ class TrainState(NamedTuple):
     model_state: Any   # nnx.State of the other variables (BatchStat, ...)
     opt_state: Any     # optax state
     step: jax.Array    # number of updates applied (bad steps excluded)
-    rng: jax.Array     # PRNG key (uint32[2]), advanced every step
+    rng: jax.Array     # base PRNG key (uint32[2]); a step needing randomness (dropout)
+                       # would use fold_in(rng, step), so the key itself stays fixed
     bad_steps: jax.Array  # consecutive non-finite steps so far
 
 

@@ -110,7 +110,7 @@ def test_cli_run_writes_the_documented_outputs(tmp_path):
     out = tmp_path / "run"
     proc = run_cli(*TINY, "--out", out)
     assert proc.returncode == 0, proc.stderr
-    last = proc.stdout.strip().splitlines()[-2]
+    last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("test accuracy ") and "images/s" in last
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["steps"] == 20
