@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from train.config import Config, ConfigError, explicit_args, resolve
+from train.config import Config, ConfigError, check_out_dir, explicit_args, resolve
 
 PROG = "python -m train"
 
@@ -17,13 +17,18 @@ def _fail(message: str, code: int) -> int:
 def main(argv=None) -> int:
     try:
         explicit = explicit_args(argv)
-        resolve(Config(**explicit))  # cheap checks before importing jax
+        cfg = resolve(Config(**explicit))  # cheap checks before importing jax
+        check_out_dir(cfg.out, cfg.resume)
     except ConfigError as e:
         return _fail(str(e), 2)
+    from train.data import DataError, check_present
+    try:
+        check_present(cfg.dataset, cfg.data_dir, cfg.download)
+    except DataError as e:
+        return _fail(str(e), 1)
     try:
         from train import loop
         from train.checkpoint import CheckpointError
-        from train.data import DataError
         try:
             cfg = loop.resume_config(explicit) if explicit.get("resume") else resolve(
                 Config(**explicit))

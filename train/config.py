@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any, Sequence
 
 DATASETS = ("digits", "mnist", "fashion-mnist")
@@ -143,6 +144,27 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"--norm {cfg.norm} needs at least 2 examples per batch to estimate "
                 f"statistics; raise --batch-size (got {cfg.batch_size})")
+
+
+RUN_MARKERS = ("metrics.jsonl", "summary.json", "checkpoints")
+
+
+def check_out_dir(out: str, resume: bool) -> None:
+    """Read-only checks on --out, before anything is loaded or created."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory; choose another --out")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--out {out}: {parent} is not a directory; choose another --out")
+            break
+    if not resume and path.is_dir():
+        found = [m for m in RUN_MARKERS if (path / m).exists()]
+        if found:
+            raise ConfigError(
+                f"--out {out} already holds a run ({found[0]}); pass --resume to continue "
+                f"it or choose another --out")
 
 
 class _Parser(argparse.ArgumentParser):

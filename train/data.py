@@ -219,6 +219,22 @@ def resolve_data_dir(data_dir: str | None, dataset: str) -> Path:
     return Path(data_dir).expanduser()
 
 
+def check_present(dataset: str, data_dir: str | None, download_missing: bool) -> None:
+    """Fail fast (before any heavy import) when the files cannot be there."""
+    if dataset not in MD5:
+        return
+    folder = resolve_data_dir(data_dir, dataset) / dataset
+    if download_missing:
+        return
+    if not folder.is_dir():
+        raise DataError(
+            f"{folder} is not a folder; point --data-dir (or JAXBN_DATA) at the folder "
+            f"holding {dataset}/, or pass --download")
+    for fname in IDX_FILES.values():
+        if not (folder / fname).is_file():
+            raise DataError(f"{folder / fname} is missing; pass --download to fetch it")
+
+
 def load_idx_dataset(dataset: str, data_dir: str | None) -> Dataset:
     """MNIST or Fashion-MNIST from ``data_dir/<dataset>/`` (checked, standardized)."""
     folder = resolve_data_dir(data_dir, dataset) / dataset

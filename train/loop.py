@@ -28,10 +28,9 @@ import jax
 import numpy as np
 
 from train import checkpoint, data, models, plots, steps
-from train.config import Config, ConfigError, TRAINING_FIELDS, default_out_dir, resolve
+from train.config import Config, ConfigError, TRAINING_FIELDS, check_out_dir, resolve
 
 EXIT_INTERRUPTED = 130
-RUN_MARKERS = ("metrics.jsonl", "summary.json", "checkpoints")
 EVAL_BATCH = 1000
 KEEP_CHECKPOINTS = 3
 
@@ -42,23 +41,6 @@ class RunError(Exception):
 
 # --------------------------------------------------------------------------
 # output folder
-
-
-def check_out_dir(out: Path, resume: bool) -> None:
-    """Read-only checks on --out, done before any data is loaded."""
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out} exists and is not a directory; choose another --out")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise RunError(f"--out {out}: {parent} is not a directory; choose another --out")
-            break
-    if not resume and out.is_dir():
-        found = [m for m in RUN_MARKERS if (out / m).exists()]
-        if found:
-            raise RunError(
-                f"--out {out} already holds a run ({found[0]}); pass --resume to continue "
-                f"it or choose another --out")
 
 
 def open_out_dir(out: Path, resume: bool) -> int:
@@ -81,14 +63,14 @@ def open_out_dir(out: Path, resume: bool) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     try:
-        check_out_dir(out, resume)  # again, now that we hold the lock
+        check_out_dir(str(out), resume)  # again, now that we hold the lock
         probe = out / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
         os.close(fd)
         raise RunError(f"--out {out} is not writable: {e.strerror or e}") from None
-    except RunError:
+    except ConfigError:
         os.close(fd)
         raise
     return fd
@@ -345,7 +327,7 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
         mesh = steps.make_mesh(cfg.devices)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    check_out_dir(out, cfg.resume)
+    check_out_dir(cfg.out, cfg.resume)
 
     dataset = load_data(cfg.dataset, cfg.data_dir, download_missing=cfg.download,
                         base_url=cfg.base_url, limit_train=cfg.limit_train,

@@ -132,7 +132,7 @@ def test_resume_takes_the_settings_of_the_checkpointed_run(tmp_path):
 def test_refuses_an_out_dir_that_holds_another_run(tmp_path):
     out = tmp_path / "run"
     run(tiny(out))
-    with pytest.raises(loop.RunError, match="already holds a run.*pass --resume"):
+    with pytest.raises(ConfigError, match="already holds a run.*pass --resume"):
         run(tiny(out))
 
 
