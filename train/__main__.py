@@ -41,7 +41,8 @@ def main(argv=None) -> int:
             # bug and keeps its traceback.
             return _fail(str(e), 1)
     except KeyboardInterrupt:
-        return _fail("interrupted before training started; nothing to save", 130)
+        return _fail("interrupted; --resume continues from the last complete checkpoint, "
+                     "if there is one", 130)
 
 
 if __name__ == "__main__":

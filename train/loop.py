@@ -20,6 +20,7 @@ import platform
 import shlex
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, TextIO
@@ -178,8 +179,9 @@ class StopFlag:
 
 @contextlib.contextmanager
 def catch_signals(flag: StopFlag):
-    if threading_main() is False:
-        yield
+    """Route SIGINT/SIGTERM to ``flag`` inside the block (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
         return
 
     def handler(signum, frame):
@@ -195,11 +197,6 @@ def catch_signals(flag: StopFlag):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-def threading_main() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 
 # --------------------------------------------------------------------------
@@ -355,7 +352,7 @@ def compiled_steps(graphdefs, optimizer, schedule_name, lr, weight_decay, total_
 
     Keyed on everything the compiled programs depend on (graphdefs are
     hashable and equal for equal architectures), so several seeds run from a
-    notebook or a test session compile once.
+    notebook or a test suite compile once.
     """
     schedule = steps.make_schedule(schedule_name, lr, total_steps)
     tx = steps.make_optimizer(optimizer, schedule, weight_decay)

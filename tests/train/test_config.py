@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 
 from train import config
-from train.config import Config, ConfigError, parse_args
+from train.config import ConfigError, parse_args
 
 
 def test_defaults_are_the_digits_defaults(monkeypatch):

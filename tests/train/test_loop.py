@@ -1,6 +1,5 @@
 """End-to-end runs of the training loop, in-process on tiny data."""
 
-import dataclasses
 import fcntl
 import io
 import json
