@@ -33,9 +33,10 @@ from flax.nnx.nn.linear import canonicalize_padding, default_bias_init, default_
 from flax.typing import Dtype, Initializer
 from jax import lax
 
-# Patch bytes per chunk of the batch: about an L2 cache. Larger chunks are
-# no faster (the matmul is already efficient) and cost cache misses.
-PATCH_CHUNK_BYTES = 1 << 21
+# Patch bytes per chunk of the batch. On the CNN's layers chunks of about
+# 1 MiB measured 2-3x faster than XLA's kernel gradient; patches of the whole
+# batch (tens of MiB, fresh memory every step) were slower than XLA's.
+PATCH_CHUNK_BYTES = 1 << 20
 
 
 class Conv(nnx.Module):

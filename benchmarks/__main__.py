@@ -1,0 +1,139 @@
+"""``python -m benchmarks``: print (and with --write-results, save) the ratio tables.
+
+Sections (``--only``, comma-separated):
+  bn     jaxbn (functional, Linen, NNX) vs Flax's BatchNorm, memory floor, XLA memory
+  conv   the CNN's conv and pool layers: Flax vs train.conv (gradients)
+  torch  BN forward+backward, JAX process vs PyTorch process
+  cnn    train's CNN step (Flax conv/pool, train.conv) vs the same net in PyTorch
+  alloc  the same worker processes under other glibc malloc settings (CPU)
+  threads  the same worker processes pinned to one core (CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+SECTIONS = ("bn", "conv", "torch", "cnn", "alloc", "threads")
+HERE = Path(__file__).resolve().parent
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (a smoke test)")
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help=f"comma-separated sections (default: all of {','.join(SECTIONS)})")
+    p.add_argument("--repeats", type=int, help="timed calls per alternative (default 9; quick 2)")
+    p.add_argument("--rounds", type=int, help="rounds of worker processes (default 3; quick 1)")
+    p.add_argument("--gpu", action="store_true", help="fail unless JAX's default backend is a GPU")
+    p.add_argument("--write-results", nargs="?", const=str(HERE), metavar="DIR",
+                   help="write RESULTS.md and bn_times.png to DIR (default: benchmarks/)")
+    args = p.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        p.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    args.only = only
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    import jax  # after parsing, so that --help and bad options answer at once
+
+    from benchmarks import bn, cnn, procs, report
+
+    backend = jax.default_backend()
+    if args.gpu and backend != "gpu":
+        print(f"--gpu: JAX's default backend is {backend!r}; install jax[cuda12] on a GPU "
+              f"machine, or drop --gpu to benchmark {backend}", file=sys.stderr)
+        return 2
+    quick = args.quick
+    repeats = args.repeats or (2 if quick else 9)
+    rounds = args.rounds or (1 if quick else 3)
+    meta = report.meta(args, quick, repeats, rounds)
+    sections: list[tuple[str, str]] = []
+    results: dict = {"quick": quick}
+
+    def emit(title, body):
+        sections.append((title, body))
+        print(f"\n## {title}\n\n{body}", flush=True)
+
+    print(f"backend {backend}, {meta['machine']['nproc']} cores ({meta['machine']['cpu']}), "
+          f"{'quick' if quick else 'full'} sizes, {repeats} repeats", flush=True)
+    if "bn" in args.only:
+        results["bn"] = bn.run(quick, repeats)
+        for title, body in bn.tables(results["bn"]):
+            emit(title, body)
+    if "conv" in args.only:
+        emit("CNN layers: Flax vs train.conv, median of jit(grad) (speedup = Flax / train.conv)",
+             cnn.layer_table(cnn.run_layers(quick, repeats)))
+    jobs = worker_jobs(args.only, quick, repeats, backend)
+    if jobs:
+        print(f"\nworker processes ({rounds} round(s)):", flush=True)
+        runs = procs.rotate(jobs, rounds)
+        results["cnn_runs"] = runs
+        for title, body in worker_tables(args.only, runs):
+            emit(title, body)
+    if args.write_results:
+        path = report.write(Path(args.write_results), meta, sections, results)
+        print(f"\nwrote {path}")
+    return 0
+
+
+def worker_jobs(only, quick: bool, repeats: int, backend: str) -> dict:
+    """The worker processes the selected sections need, by row name."""
+    from benchmarks.procs import ALLOCATOR_ENVS, Job
+
+    tasks = [task for section, task in (("torch", "bn"), ("cnn", "cnn")) if section in only]
+    cpu = backend == "cpu"
+    allocator, threads = cpu and "alloc" in only, cpu and "threads" in only
+    if not tasks and (allocator or threads):
+        tasks = ["bn", "cnn"]
+    if not tasks:
+        return {}
+    spec = {"tasks": tasks, "quick": quick, "repeats": repeats}
+    torch_spec = dict(spec, device="cpu" if cpu else "cuda")
+    jax_job = lambda spec=spec, **kw: Job("benchmarks.jax_worker", spec, **kw)
+    torch_job = lambda spec=torch_spec, **kw: Job("benchmarks.torch_worker", spec, **kw)
+    jobs = {"JAX": jax_job(), "PyTorch": torch_job()}
+    if quick:
+        # A smoke test of each kind of setting, on the cheapest process.
+        small = dict(torch_spec, tasks=["bn"])
+        if allocator:
+            jobs["PyTorch, one arena, no mmap"] = torch_job(small, env="one arena, no mmap")
+        if threads:
+            jobs["PyTorch, 1 core"] = torch_job(dict(small, cores=1))
+        return jobs
+    if allocator:
+        for env in ALLOCATOR_ENVS:
+            if env != "default":
+                jobs[f"JAX, {env}"] = jax_job(env=env)
+        jobs["PyTorch, one arena, no mmap"] = torch_job(env="one arena, no mmap")
+    if threads:
+        jobs["JAX, 1 core"] = jax_job(dict(spec, cores=1))
+        jobs["PyTorch, 1 core"] = torch_job(dict(torch_spec, cores=1))
+    return jobs
+
+
+def worker_tables(only, runs: dict) -> list[tuple[str, str]]:
+    from benchmarks import report
+
+    out = []
+    jax_run, torch_run = runs["JAX"], runs.get("PyTorch")
+    if "torch" in only:
+        out.append(("BN fwd+bwd in separate processes: JAX (NHWC) vs PyTorch BatchNorm2d (NCHW)",
+                    report.torch_bn_table(jax_run, torch_run)))
+    if "cnn" in only:
+        out.append(("CNN train step (train/ default cnn): JAX variants vs PyTorch",
+                    report.cnn_table(jax_run, torch_run)))
+    if any(", " in name for name in runs):  # processes under other settings
+        out.append(("Worker process settings: glibc malloc, one core",
+                    report.settings_table(runs)))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

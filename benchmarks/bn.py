@@ -1,0 +1,223 @@
+"""Batch norm: jaxbn (functional, Linen, NNX) against Flax, timed in one process.
+
+Every implementation is reduced to the same pure signature,
+``apply(params, stats, x) -> (y, new_stats)``, so one set of jitted
+drivers (training forward+backward, training forward, inference) times
+them all identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import flax.linen as linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jaxbn
+import jaxbn.linen
+import jaxbn.nnx
+from benchmarks import timing
+
+MOMENTUM = 0.99
+EPSILON = 1e-5
+REFERENCE = "flax.linen"
+MODES = ("train fwd+bwd", "train fwd", "eval")
+# Array-sized memory transfers of the fewest passes each mode needs:
+# fwd+bwd: pass 1 reads x and the cotangent g (all per-channel sums),
+# pass 2 reads x and g and writes dx; fwd: read x for the statistics, read x
+# and write y; eval: read x, write y.
+MIN_PASSES = {"train fwd+bwd": 5, "train fwd": 3, "eval": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * jnp.dtype(self.dtype).itemsize
+
+
+def configs(quick: bool) -> list[Config]:
+    if quick:
+        return [Config("NHWC f32", (8, 8, 8, 16), "float32")]
+    nhwc, dense = (128, 32, 32, 64), (4096, 1024)
+    return [Config("NHWC f32", nhwc, "float32"), Config("NHWC bf16", nhwc, "bfloat16"),
+            Config("dense f32", dense, "float32"), Config("dense bf16", dense, "bfloat16")]
+
+
+# --------------------------------------------------------------------------
+# implementations: (features, dtype, training) -> (apply, params, stats)
+
+
+def _functional(c, dtype, training):
+    def apply(params, state, x):
+        return jaxbn.batch_norm(x, state, params["scale"], params["bias"], training=training,
+                                momentum=MOMENTUM, epsilon=EPSILON)
+    params = {"scale": jnp.ones((c,)), "bias": jnp.zeros((c,))}
+    return apply, params, jaxbn.init_state(c)
+
+
+def _linen(cls, **kwargs):
+    def make(c, dtype, training):
+        # dtype: the output dtype, so bfloat16 inputs give bfloat16 outputs everywhere.
+        module = cls(use_running_average=not training, momentum=MOMENTUM, epsilon=EPSILON,
+                     dtype=dtype, **kwargs)
+        # Jitted: eagerly, every op of init compiles on its own.
+        variables = jax.jit(module.init)(jax.random.key(0), jnp.zeros((2, c), dtype))
+
+        def apply(params, stats, x):
+            y, updates = module.apply({"params": params, "batch_stats": stats}, x,
+                                      mutable=["batch_stats"])
+            return y, updates["batch_stats"]
+        return apply, variables["params"], variables["batch_stats"]
+    return make
+
+
+def _nnx(cls):
+    def make(c, dtype, training):
+        module = cls(c, use_running_average=not training, momentum=MOMENTUM, epsilon=EPSILON,
+                     dtype=dtype, rngs=nnx.Rngs(0))
+        graphdef, params, stats = nnx.split(module, nnx.Param, nnx.BatchStat)
+
+        def apply(params, stats, x):
+            model = nnx.merge(graphdef, params, stats, copy=True)
+            y = model(x)
+            return y, nnx.state(model, nnx.BatchStat)
+        return apply, params, stats
+    return make
+
+
+IMPLEMENTATIONS: dict[str, Callable] = {
+    "jaxbn": _functional,
+    "jaxbn.linen": _linen(jaxbn.linen.BatchNorm),
+    "jaxbn.nnx": _nnx(jaxbn.nnx.BatchNorm),
+    "flax.linen": _linen(linen.BatchNorm),
+    "flax.linen slow var": _linen(linen.BatchNorm, use_fast_variance=False),
+    "flax.nnx": _nnx(nnx.BatchNorm),
+}
+
+
+# --------------------------------------------------------------------------
+# drivers
+
+
+def _driver(apply, mode):
+    if mode == "eval":
+        return lambda params, stats, x, g: apply(params, stats, x)[0]
+    if mode == "train fwd":
+        return lambda params, stats, x, g: apply(params, stats, x)
+
+    def loss(params, x, stats, g):
+        y, new_stats = apply(params, stats, x)
+        return jnp.sum(y * g, dtype=jnp.float32), new_stats
+
+    # Gradients for x, scale and bias, and the new running statistics.
+    return lambda params, stats, x, g: jax.grad(loss, argnums=(0, 1), has_aux=True)(
+        params, x, stats, g)
+
+
+def inputs(config: Config):
+    # NumPy draws: eager jax.random would compile a program per shape.
+    rng = np.random.default_rng(0)
+    x = 3.0 + 2.0 * rng.standard_normal(config.shape, np.float32)
+    g = rng.standard_normal(config.shape, np.float32)
+    return jnp.asarray(x, config.dtype), jnp.asarray(g, config.dtype)
+
+
+def compiled(name: str, config: Config, mode: str):
+    """(compiled fn, args) for implementation ``name`` on ``config`` in ``mode``."""
+    apply, params, stats = IMPLEMENTATIONS[name](config.shape[-1], jnp.dtype(config.dtype),
+                                                 mode != "eval")
+    args = (params, stats) + inputs(config)
+    return jax.jit(_driver(apply, mode)).lower(*args).compile(), args
+
+
+def blocking(fn, args):
+    return lambda: jax.block_until_ready(fn(*args))
+
+
+def time_mode(config: Config, mode: str, repeats: int, names=tuple(IMPLEMENTATIONS)):
+    """Median seconds per call of each implementation (interleaved), and the executables."""
+    programs = {name: compiled(name, config, mode) for name in names}
+    fns = {name: blocking(*program) for name, program in programs.items()}
+    return timing.medians(timing.interleave(fns, repeats)), programs
+
+
+def memory_stats(programs) -> dict[str, dict[str, int]]:
+    """XLA's buffer sizes (bytes) of each compiled program."""
+    out = {}
+    for name, (executable, _) in programs.items():
+        stats = executable.memory_analysis()
+        out[name] = {"temp": stats.temp_size_in_bytes,
+                     "argument": stats.argument_size_in_bytes,
+                     "output": stats.output_size_in_bytes}
+    return out
+
+
+def bandwidth(config: Config, repeats: int) -> float:
+    """Achievable bytes/s: the best of a jitted copy (x+1) and add (x+g) of this size."""
+    x, g = inputs(config)
+    copy = jax.jit(lambda x: x + 1)
+    add = jax.jit(lambda x, g: x + g)
+    t = timing.medians(timing.interleave(
+        {"copy": blocking(copy, (x,)), "add": blocking(add, (x, g))}, repeats))
+    return max(2 * config.nbytes / t["copy"], 3 * config.nbytes / t["add"])
+
+
+def floor_seconds(config: Config, mode: str, bytes_per_second: float) -> float:
+    return MIN_PASSES[mode] * config.nbytes / bytes_per_second
+
+
+def run(quick: bool, repeats: int) -> dict:
+    """Times, floors and memory statistics for every config and mode."""
+    results = []
+    for config in configs(quick):
+        bw = bandwidth(config, repeats)
+        entry = {"config": dataclasses.asdict(config), "bandwidth": bw, "modes": {}}
+        for mode in MODES:
+            times, programs = time_mode(config, mode, repeats)
+            entry["modes"][mode] = {"times": times, "floor": floor_seconds(config, mode, bw)}
+            if mode == "train fwd+bwd":
+                entry["memory"] = memory_stats(programs)
+        results.append(entry)
+    return {"configs": results}
+
+
+def tables(results: dict) -> list[tuple[str, str]]:
+    """(title, table) pairs: one per mode, then memory."""
+    out = []
+    entries = results["configs"]
+    for mode in MODES:
+        headers = ["implementation"] + [e["config"]["name"] for e in entries]
+        rows = []
+        for name in IMPLEMENTATIONS:
+            rows.append([name] + [_cell(e["modes"][mode]["times"], name) for e in entries])
+        rows.append(["memory floor"] + [
+            f"{timing.ms(e['modes'][mode]['floor'])} (jaxbn at "
+            f"{e['modes'][mode]['times']['jaxbn'] / e['modes'][mode]['floor']:.1f}x floor)"
+            for e in entries])
+        out.append((f"BN {mode}: median time (ratio to {REFERENCE})", timing.table(headers, rows)))
+    mib = lambda b: f"{b / 2**20:.1f}"
+    rows = [[e["config"]["name"], name, mib(m["temp"]), mib(m["argument"]), mib(m["output"])]
+            for e in entries for name, m in e["memory"].items()]
+    out.append(("BN train fwd+bwd: XLA memory_analysis (MiB)",
+                timing.table(["config", "implementation", "temp", "argument", "output"], rows)))
+    rows = [[e["config"]["name"], str(e["config"]["shape"]), f"{e['bandwidth'] / 1e9:.2f} GB/s"]
+            for e in entries]
+    out.append(("Achievable bandwidth (best of jitted copy and add of the same size)",
+                timing.table(["config", "shape", "bandwidth"], rows)))
+    return out
+
+
+def _cell(times: dict[str, float], name: str) -> str:
+    return f"{timing.ms(times[name])} ({timing.ratio(times[name], times[REFERENCE])})"

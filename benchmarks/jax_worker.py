@@ -1,0 +1,39 @@
+"""JAX side of the cross-framework comparisons, run in its own process.
+
+``python -m benchmarks.jax_worker '{"tasks": ["bn", "cnn"], "quick": false,
+"repeats": 9}'`` prints one JSON line: per task, median seconds (and page
+faults per call, which show the allocator's share).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+
+from benchmarks import bn, cnn, procs, timing
+
+# The shape PyTorch's BatchNorm2d is compared on (NHWC here, NCHW there).
+BN_NAMES = ("jaxbn", bn.REFERENCE)
+
+
+def bn_task(quick: bool, repeats: int) -> dict:
+    config = bn.configs(quick)[0]
+    times, programs = bn.time_mode(config, "train fwd+bwd", repeats, BN_NAMES)
+    return {name: {"seconds": times[name],
+                   "faults_per_call": timing.faults_per_call(bn.blocking(*programs[name]))}
+            for name in BN_NAMES}
+
+
+def main(spec: dict) -> dict:
+    procs.pin_cores(spec.get("cores"))
+    tasks = {"bn": bn_task, "cnn": cnn.run_steps}
+    out = {"backend": jax.default_backend()}
+    for task in spec["tasks"]:
+        out[task] = tasks[task](spec["quick"], spec["repeats"])
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(json.loads(sys.argv[1]))))

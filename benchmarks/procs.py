@@ -1,0 +1,86 @@
+"""Worker processes: one framework (and one setting) per process.
+
+JAX and PyTorch each get the whole machine in turn: their processes run one
+after another, rotating (JAX, PyTorch, JAX with other settings, ...), never
+side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# glibc malloc settings tried on the JAX (and PyTorch) processes. XLA:CPU
+# allocates each program's temporaries and outputs afresh per call; buffers
+# that malloc serves with mmap come back as new pages that fault in on first
+# touch. MALLOC_MMAP_THRESHOLD_ is capped by glibc at 32 MiB, so larger
+# buffers stay mmapped whatever it says; MALLOC_MMAP_MAX_=0 turns mmap off,
+# and MALLOC_ARENA_MAX=1 keeps XLA's worker threads on the main heap, whose
+# freed memory MALLOC_TRIM_THRESHOLD_ then keeps for reuse.
+ALLOCATOR_ENVS = {
+    "default": {},
+    "mmap/trim thresholds": {"MALLOC_MMAP_THRESHOLD_": "33554432",
+                             "MALLOC_TRIM_THRESHOLD_": "4294967296"},
+    "one arena, no mmap": {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0",
+                           "MALLOC_TRIM_THRESHOLD_": "4294967296"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    module: str            # benchmarks.jax_worker or benchmarks.torch_worker
+    spec: dict
+    env: str = "default"   # a key of ALLOCATOR_ENVS
+
+
+def pin_cores(cores: int | None) -> None:
+    """Restrict this process to its first ``cores`` cores (None: leave as is).
+
+    Called by the workers before any computation: JAX and PyTorch size their
+    thread pools from the affinity mask when they first compute.
+    """
+    if cores:
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
+
+
+def environment(name: str) -> dict[str, str]:
+    """The parent's environment with only the MALLOC_* settings of ``name``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update(ALLOCATOR_ENVS[name])
+    return env
+
+
+def run(job: Job, timeout: float = 1800) -> dict:
+    proc = subprocess.run([sys.executable, "-m", job.module, json.dumps(job.spec)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env=environment(job.env))
+    if proc.returncode:
+        raise RuntimeError(f"{job.module} ({job.env}) failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def rotate(jobs: dict[str, Job], rounds: int, log=print) -> dict[str, dict]:
+    """Run every job once per round, in turn; per job, the median of each number."""
+    runs: dict[str, list[dict]] = {name: [] for name in jobs}
+    for r in range(rounds):
+        for name, job in jobs.items():
+            log(f"  round {r + 1}/{rounds}: {name}")
+            runs[name].append(run(job))
+    return {name: _median_tree(results) for name, results in runs.items()}
+
+
+def _median_tree(results: list):
+    """Element-wise median of equally shaped JSON results (other leaves: the first's)."""
+    first = results[0]
+    if isinstance(first, dict):
+        return {k: _median_tree([r[k] for r in results]) for k in first}
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return statistics.median(results)
+    return first

@@ -1,0 +1,234 @@
+"""Machine description, the cross-process tables, RESULTS.md and the plot."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+from benchmarks import bn, cnn, timing
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch")
+
+
+def machine() -> dict:
+    import jax
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown",
+        "memory": _memory(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {p: _version(p) for p in PACKAGES},
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+    }
+
+
+def _proc_field(path: str, key: str) -> str | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.split(":")[0].strip() == key:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _memory() -> str:
+    total = _proc_field("/proc/meminfo", "MemTotal")  # "24683656 kB"
+    return f"{int(total.split()[0]) / 2**20:.1f} GiB" if total else "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+# --------------------------------------------------------------------------
+# tables from the worker processes
+
+
+def torch_bn_table(jax_run: dict, torch_run: dict) -> str:
+    rows = [[f"JAX {name}", jax_run["bn"][name]["seconds"]] for name in jax_run["bn"]]
+    rows += [[f"PyTorch {name}", r["seconds"]] for name, r in torch_run["bn"].items()]
+    reference = torch_run["bn"]["BatchNorm2d NCHW"]["seconds"]
+    return timing.table(["implementation", "median", "time / PyTorch NCHW"],
+                        [[n, timing.ms(t), timing.ratio(t, reference)] for n, t in rows])
+
+
+def cnn_table(jax_run: dict, torch_run: dict | None) -> str:
+    rows = [(f"JAX {name}", r) for name, r in jax_run["cnn"].items()]
+    if torch_run:
+        rows += [(f"PyTorch {name}", r) for name, r in torch_run["cnn"].items()]
+    flax_speed = jax_run["cnn"][cnn.REFERENCE]["images_per_second"]
+    headers = ["step", "median step", "images/s", "first step (compile)", "speed / JAX flax"]
+    if torch_run:
+        torch_speed = torch_run["cnn"]["NCHW"]["images_per_second"]
+        headers.append("speed / PyTorch NCHW")
+    table_rows = []
+    for name, r in rows:
+        row = [name, timing.ms(r["step"]), f"{r['images_per_second']:.0f}",
+               timing.ms(r["first_step"]), f"{r['images_per_second'] / flax_speed:.2f}x"]
+        if torch_run:
+            row.append(f"{r['images_per_second'] / torch_speed:.2f}x")
+        table_rows.append(row)
+    return timing.table(headers, table_rows)
+
+
+def settings_table(runs: dict[str, dict]) -> str:
+    """One row per (framework, setting) measurement; ratios to the default setting."""
+    default = {"JAX": runs.get("JAX"), "PyTorch": runs.get("PyTorch")}
+    rows = []
+    for name, run in runs.items():
+        framework, setting = (name.split(", ", 1) + ["default"])[:2]
+        base = default[framework]
+        for label, value, faults in _settings_numbers(run):
+            ref = next((v for l, v, _ in _settings_numbers(base) if l == label), None) if base else None
+            rows.append([framework, setting, label, timing.ms(value),
+                         "-" if faults is None else f"{faults:.0f}",
+                         timing.ratio(value, ref) if ref else "-"])
+    return timing.table(["framework", "setting", "measurement", "median",
+                         "page faults / call", "time / default"], rows)
+
+
+def _settings_numbers(run: dict):
+    for name, r in run.get("bn", {}).items():
+        yield f"BN fwd+bwd {name}", r["seconds"], r.get("faults_per_call")
+    for name, r in run.get("cnn", {}).items():
+        yield f"CNN step {name}", r["step"], r.get("faults_per_step")
+
+
+# --------------------------------------------------------------------------
+# RESULTS.md and the plot
+
+
+def write(directory: Path, meta: dict, sections: list[tuple[str, str]], results: dict) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    plot = _plot(directory / "bn_times.png", results)
+    text = _markdown(meta, sections, plot)
+    path = directory / "RESULTS.md"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def _markdown(meta: dict, sections, plot: str | None) -> str:
+    m = meta["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Produced by `{meta['command']}` on {meta['date']}; every ratio below comes from",
+        "this one run.",
+        "",
+        "## Machine and settings",
+        "",
+        f"- CPU: {m['cpu']}, `nproc` = {m['nproc']}, memory {m['memory']}",
+        f"- {m['platform']}, Python {m['python']}",
+        f"- {versions}",
+        f"- JAX backend: `{m['backend']}` ({', '.join(m['devices'])})",
+        f"- sizes: {'quick (tiny)' if meta['quick'] else 'full'}; {meta['repeats']} timed calls "
+        f"per alternative (after one warm-up), {meta['rounds']} rounds of worker processes",
+        f"- XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, malloc settings of the parent: "
+        f"{malloc or 'none'}",
+        "",
+        _backend_note(m["backend"]),
+        "",
+        "## Method",
+        "",
+        "- Alternatives are timed round-robin (A, B, C, A, B, C, ...) in one process and",
+        "  compared by medians; the machine is shared, so absolute times are noisy and",
+        "  the ratios are the result.",
+        "- PyTorch runs in its own processes (`torch.set_num_threads` = `nproc` on CPU),",
+        "  alternating with JAX processes that time the same shapes; each number is the",
+        "  median over the rounds of the per-process medians.",
+        "- BN forward+backward is `jit(grad)` of `sum(y * g)` with respect to x, scale and",
+        "  bias, also returning the new running statistics.",
+        "- Memory floor: the array-sized transfers the fewest passes need (fwd+bwd 5: one",
+        "  pass reading x and g for every per-channel sum, one reading x and g and writing",
+        "  dx; training fwd 3; eval 2) divided by the bandwidth of a jitted copy/add of the",
+        "  same size.",
+        "",
+    ]
+    for title, body in sections:
+        lines += [f"## {title}", "", body, ""]
+    if plot:
+        lines += ["## Plot", "", f"![BN and CNN times]({plot})", ""]
+    return "\n".join(lines)
+
+
+def _backend_note(backend: str) -> str:
+    command = "`python -m benchmarks --write-results`"
+    if backend == "cpu":
+        return (f"**No GPU was available for this run: every number is CPU.** On a GPU "
+                f"machine the same command, {command}, measures JAX's default backend (the "
+                f"GPU) and runs PyTorch on CUDA; `python -m benchmarks --gpu` insists on a "
+                f"GPU. The malloc section applies to CPU only.")
+    return f"Backend `{backend}`: the CPU-only malloc section was skipped."
+
+
+def _plot(path: Path, results: dict) -> str | None:
+    if "bn" not in results:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if "cnn" in results.get("cnn_runs", {}).get("JAX", {}) else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4.5), squeeze=False)
+    _bn_panel(axes[0][0], results["bn"])
+    if panels == 2:
+        _cnn_panel(axes[0][1], results["cnn_runs"], cnn.batch_size(results["quick"]))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def _bn_panel(ax, bn_results):
+    entries = bn_results["configs"]
+    names = list(bn.IMPLEMENTATIONS)
+    width = 0.8 / (len(names) + 1)
+    for i, name in enumerate(names):
+        values = [e["modes"]["train fwd+bwd"]["times"][name] * 1e3 for e in entries]
+        ax.bar([j + i * width for j in range(len(entries))], values, width, label=name)
+    floors = [e["modes"]["train fwd+bwd"]["floor"] * 1e3 for e in entries]
+    ax.bar([j + len(names) * width for j in range(len(entries))], floors, width,
+           label="memory floor", color="black")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(entries))],
+                  [e["config"]["name"] for e in entries])
+    ax.set_ylabel("ms (median)")
+    ax.set_title("BN training forward+backward")
+    ax.legend(fontsize=7)
+
+
+def _cnn_panel(ax, runs, batch):
+    labels, values, colors = [], [], []
+    for color, proc in (("C0", "JAX"), ("C3", "PyTorch")):
+        for name, r in runs.get(proc, {}).get("cnn", {}).items():
+            labels.append(f"{proc}\n{name}")
+            values.append(r["images_per_second"])
+            colors.append(color)
+    ax.bar(range(len(values)), values, color=colors)
+    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    ax.set_ylabel("images/s (median)")
+    ax.set_title(f"CNN train step, batch {batch}, 28x28x1")
+
+
+def meta(args, quick: bool, repeats: int, rounds: int) -> dict:
+    return {
+        "command": " ".join(["python -m benchmarks"] + [shlex.quote(a) for a in sys.argv[1:]]),
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "quick": quick, "repeats": repeats, "rounds": rounds,
+        "machine": machine(),
+    }

@@ -1,0 +1,57 @@
+"""Interleaved timing and plain-text tables (no JAX or PyTorch imports).
+
+The machines these run on are shared and noisy, so alternatives are timed
+round-robin (A, B, C, A, B, C, ...) and compared by their medians: a burst
+of load then hits every alternative alike instead of whichever ran during it.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from typing import Callable, Mapping, Sequence
+
+
+def interleave(fns: Mapping[str, Callable[[], object]], repeats: int,
+               warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each blocking ``fn``, timed round-robin ``repeats`` times."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def faults_per_call(fn: Callable[[], object], calls: int = 3) -> float:
+    """Minor page faults (first touches of fresh memory) per call of ``fn``."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
+def medians(times: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms" if seconds < 10 else f"{seconds:.3g} s"
+
+
+def ratio(value: float, reference: float) -> str:
+    return f"{value / reference:.2f}x"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table (also readable as plain text)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])

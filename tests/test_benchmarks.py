@@ -1,0 +1,68 @@
+"""The benchmark entry point runs end to end on tiny sizes (no timing assertions)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args, timeout=600):
+    # A fresh process, as users run it, without the 8 simulated devices of
+    # the test configuration.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    proc = _run("--quick", "--write-results", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout, out
+
+
+def test_quick_run_prints_every_section_with_ratios(quick_run):
+    stdout, _ = quick_run
+    for title in ("BN train fwd+bwd: median time (ratio to flax.linen)", "BN eval",
+                  "XLA memory_analysis", "CNN layers: Flax vs train.conv",
+                  "JAX (NHWC) vs PyTorch BatchNorm2d", "CNN train step",
+                  "Worker process settings"):
+        assert title in stdout
+    assert "(1.00x)" in stdout  # the reference column of the BN tables
+    assert "speed / PyTorch NCHW" in stdout
+
+
+def test_quick_run_writes_results_and_plot(quick_run):
+    _, out = quick_run
+    text = (out / "RESULTS.md").read_text()
+    assert "nproc" in text and "JAX backend" in text and "quick (tiny)" in text
+    assert "No GPU was available" in text or "Backend `gpu`" in text
+    assert (out / "bn_times.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_workers_print_one_json_line():
+    spec = json.dumps({"tasks": ["bn"], "quick": True, "repeats": 1, "device": "cpu"})
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.torch_worker", spec], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result["bn"]) == {"BatchNorm2d NCHW", "BatchNorm2d channels_last"}
+
+
+def test_bad_options_fail_fast():
+    proc = _run("--only", "bn,nope", timeout=60)
+    assert proc.returncode == 2
+    assert "unknown section(s) nope" in proc.stderr
+
+
+def test_gpu_flag_without_gpu_names_the_fix():
+    proc = _run("--gpu", "--quick", "--only", "bn", timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("a GPU is present")
+    assert "install jax[cuda12]" in proc.stderr
