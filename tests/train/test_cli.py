@@ -182,6 +182,7 @@ def test_default_run_reaches_97_percent(tmp_path):
     print(f"default run: {elapsed:.1f} s wall, {summary['train_seconds']:.1f} s training")
 
 
+@pytest.mark.slow
 def test_two_devices_match_one_device(tmp_path):
     # Data parallel over 2 host devices: under jit with a sharded batch, batch
     # norm sees the global batch, so the run matches the single-device one up
