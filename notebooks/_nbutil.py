@@ -219,7 +219,8 @@ def fit(model, ds, *, steps: int | None = None, epochs: int | None = None,
     ``eval_train`` training examples (in eval mode, for train/test gaps).
 
     A run whose loss stays non-finite (the guard skips those steps) for 20
-    consecutive steps is stopped and marked ``diverged``.
+    consecutive steps is stopped (checked every 50 steps) and marked
+    ``diverged``.
 
     ``tx`` replaces the optimizer (an optax transformation; ``optimizer``,
     ``lr``, ``schedule`` and ``weight_decay`` are then ignored) and
@@ -285,22 +286,33 @@ def fit(model, ds, *, steps: int | None = None, epochs: int | None = None,
 
     t0 = time.perf_counter()
     step, epoch = 0, 0
+    pending = []  # per-step metrics still on the device: fetched in bulk, not every step
+
+    def flush():
+        for m in jax.device_get(pending):
+            h.step_loss.append(float(m["loss"]) if bool(m["finite"]) else float("nan"))
+            h.step_grad_norm.append(float(m["grad_norm"]))
+            if stop_on_divergence and int(m["bad_steps"]) >= 20:
+                h.diverged = True
+        pending.clear()
+
     while step < steps and not h.diverged:
         for xb, yb in data.train_batches(ds.x_train, ds.y_train, batch_size, seed=seed,
                                          epoch=epoch):
             state, m = train_step(state, (xb, yb))
+            pending.append({k: m[k] for k in ("loss", "finite", "grad_norm", "bad_steps")})
             step += 1
-            loss = float(m["loss"])
-            h.step_loss.append(loss if bool(m["finite"]) else float("nan"))
-            h.step_grad_norm.append(float(m["grad_norm"]))
-            if stop_on_divergence and int(m["bad_steps"]) >= 20:
-                h.diverged = True
-                break
-            if step % eval_every == 0 or step == steps:
+            evaluate_now = step % eval_every == 0 or step == steps
+            if evaluate_now or len(pending) >= 50:
+                flush()
+                if h.diverged:
+                    break
+            if evaluate_now:
                 do_eval(step)
             if step >= steps:
                 break
         epoch += 1
+    flush()
     if h.diverged:
         do_eval(step)
     h.seconds = time.perf_counter() - t0
