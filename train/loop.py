@@ -317,10 +317,6 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
     out = Path(cfg.out)
     opts = models.NormOptions(momentum=cfg.bn_momentum, virtual_batch_size=cfg.virtual_batch_size)
     try:
-        models.check_norm_available(cfg.norm, opts)
-    except models.NormUnavailable as e:
-        raise ConfigError(str(e)) from None
-    try:
         mesh = steps.make_mesh(cfg.devices)
     except ValueError as e:
         raise ConfigError(str(e)) from None

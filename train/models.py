@@ -14,28 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# Single import point for the library's modules.
-try:
-    from jaxbn.nnx import BatchNorm
-except ImportError:  # library module not built yet
-    from flax.nnx import BatchNorm
-
-try:
-    from jaxbn.nnx import BatchRenorm
-except ImportError:  # library module not built yet
-    BatchRenorm = None
-
-from flax.nnx import GroupNorm, LayerNorm
+from jaxbn.nnx import BatchNorm, BatchRenorm, GroupNorm, LayerNorm
 
 # Drop-ins for nnx.Conv and the 2x2 max pool: same parameters and outputs,
 # gradients that XLA:CPU computes much faster.
 from train.conv import Conv, max_pool
 
 NUM_CLASSES = 10
-
-
-class NormUnavailable(Exception):
-    """The requested normalization is not provided by the installed jaxbn."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,22 +60,11 @@ def _group(f, spatial, opts, rngs):
 
 
 def _ghost(f, spatial, opts, rngs):
-    try:
-        return BatchNorm(f, momentum=opts.momentum, epsilon=opts.epsilon,
-                         virtual_batch_size=opts.virtual_batch_size, rngs=rngs)
-    except TypeError as e:
-        if "virtual_batch_size" not in str(e):
-            raise
-        raise NormUnavailable(
-            "--norm ghost is not yet available: this jaxbn's BatchNorm has no "
-            "virtual_batch_size; use --norm batch") from None
+    return BatchNorm(f, momentum=opts.momentum, epsilon=opts.epsilon,
+                     virtual_batch_size=opts.virtual_batch_size, rngs=rngs)
 
 
 def _renorm(f, spatial, opts, rngs):
-    if BatchRenorm is None:
-        raise NormUnavailable(
-            "--norm renorm is not yet available: jaxbn.nnx.BatchRenorm is missing; "
-            "use --norm batch")
     return BatchRenorm(f, momentum=opts.momentum, epsilon=opts.epsilon, rngs=rngs)
 
 
@@ -119,20 +93,12 @@ def make_norm(kind: str, features: int, *, spatial: bool, opts: NormOptions,
     return NORMS[kind].make(features, spatial, opts, rngs)
 
 
-def check_norm_available(kind: str, opts: NormOptions = NormOptions()) -> None:
-    """Raise NormUnavailable early (before data loading) for missing features."""
-    # Abstract evaluation: runs the constructor without computing anything.
-    nnx.eval_shape(lambda: make_norm(kind, 4, spatial=False, opts=opts, rngs=nnx.Rngs(0)))
-
-
 def norm_implementation(kind: str) -> str:
     """Which class provides ``kind`` (for run summaries)."""
-    if kind in ("batch", "ghost"):
-        return f"{BatchNorm.__module__}.{BatchNorm.__qualname__}"
-    if kind == "renorm" and BatchRenorm is not None:
-        return f"{BatchRenorm.__module__}.{BatchRenorm.__qualname__}"
-    return {"layer": "flax.nnx.LayerNorm", "group": "flax.nnx.GroupNorm",
-            "none": "identity"}.get(kind, "unavailable")
+    if kind == "none":
+        return "identity"
+    module = NORMS[kind].make(4, False, NormOptions(), nnx.Rngs(0))
+    return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
 # --------------------------------------------------------------------------

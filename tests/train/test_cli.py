@@ -91,18 +91,6 @@ def test_too_many_devices(tmp_path):
     assert_one_line_error(proc, "--devices 4 but only 1")
 
 
-def test_unavailable_norm_is_one_line(tmp_path):
-    from train import models
-    try:
-        models.check_norm_available("renorm")
-    except models.NormUnavailable:
-        proc = run_cli("--norm", "renorm", "--out", tmp_path / "o")
-        assert proc.returncode == 2
-        assert_one_line_error(proc, "--norm renorm is not yet available")
-    else:
-        pytest.skip("the installed jaxbn provides BatchRenorm")
-
-
 TINY = ["--model", "mlp", "--limit-train", "320", "--batch-size", "32", "--epochs", "2"]
 
 

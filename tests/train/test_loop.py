@@ -66,14 +66,7 @@ def test_every_model_and_norm_trains_one_epoch(tmp_path, model, norm):
 
 
 @pytest.mark.parametrize("norm", ["ghost", "renorm"])
-def test_library_only_norms_train_when_available(tmp_path, norm):
-    from train import models
-    try:
-        models.check_norm_available(norm)
-    except models.NormUnavailable as e:
-        with pytest.raises(ConfigError, match="not yet available"):
-            run(tiny(tmp_path / "r", norm=norm))
-        pytest.skip(str(e))
+def test_library_only_norms_train(tmp_path, norm):
     code, summary, _ = run(tiny(tmp_path / "r", norm=norm, virtual_batch_size=8))
     assert code == 0 and np.isfinite(summary["test_loss"])
     assert summary["norm_impl"].startswith("jaxbn.")
