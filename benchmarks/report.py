@@ -156,8 +156,10 @@ def _markdown(meta: dict, sections, plot: str | None) -> str:
         "  bias, also returning the new running statistics.",
         "- Memory floor: the array-sized transfers the fewest passes need (fwd+bwd 5: one",
         "  pass reading x and g for every per-channel sum, one reading x and g and writing",
-        "  dx; training fwd 3; eval 2) divided by the bandwidth of a jitted copy/add of the",
-        "  same size.",
+        "  dx; training fwd 3; eval 2) divided by the best bandwidth of a jitted copy, add",
+        "  or donated (in-place) add of the same size. Allocating copies pay for fresh",
+        "  output pages as the BN programs do; the donated add does not, so a BN can sit",
+        "  well above this floor because of page faults alone (see the malloc section).",
         "",
     ]
     for title, body in sections:
