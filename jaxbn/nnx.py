@@ -208,7 +208,7 @@ class BatchNorm(nnx.Module):
       self.use_running_average = use_running_average
 
 
-class BatchRenorm(nnx.Module):
+class BatchRenorm(BatchNorm):
   """Batch renormalization (Ioffe, 2017) with ``flax.nnx.BatchNorm``'s interface.
 
   Same arguments and variables as :class:`BatchNorm` (``scale``/``bias``
@@ -278,51 +278,23 @@ class BatchRenorm(nnx.Module):
       d_max: float | tp.Callable[[jax.Array], jax.Array] = 5.0,
       running_var: str = 'biased',
   ):
-    _check_num_features(num_features)
-    _checks.momentum(momentum)
-    _checks.epsilon(epsilon)
-    _checks.running_var(running_var)
-    _checks.axis_groups(axis_name, axis_index_groups)
     _flax_common.check_renorm_limits(r_max, d_max)
-    # BatchNorm's variables in BatchNorm's order: checkpoints and converters
-    # for batch norm work unchanged.
-    feature_shape = (num_features,)
-    self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
-    self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
-    if momentum is None or callable(r_max) or callable(d_max):
-      # The training-step count: drives the cumulative average and schedules.
+    super().__init__(
+        num_features, use_running_average=use_running_average, axis=axis,
+        momentum=momentum, epsilon=epsilon, dtype=dtype,
+        param_dtype=param_dtype, use_bias=use_bias, use_scale=use_scale,
+        bias_init=bias_init, scale_init=scale_init, axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        use_fast_variance=use_fast_variance, promote_dtype=promote_dtype,
+        rngs=rngs, bias_metadata=bias_metadata, scale_metadata=scale_metadata,
+        running_var=running_var)
+    if momentum is not None and (callable(r_max) or callable(d_max)):
+      # The training-step count drives the schedules.
       self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
-    self.scale: nnx.Param[jax.Array] | None
-    if use_scale:
-      self.scale = nnx.Param(
-          scale_init(rngs.params(), feature_shape, param_dtype), **scale_metadata)
-    else:
-      self.scale = nnx.data(None)
-    self.bias: nnx.Param[jax.Array] | None
-    if use_bias:
-      self.bias = nnx.Param(
-          bias_init(rngs.params(), feature_shape, param_dtype), **bias_metadata)
-    else:
-      self.bias = nnx.data(None)
-
-    self.num_features = num_features
-    self.use_running_average = use_running_average
-    self.axis = axis
-    self.momentum = momentum
-    self.epsilon = epsilon
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.use_bias = use_bias
-    self.use_scale = use_scale
-    self.axis_name = axis_name
-    self.axis_index_groups = axis_index_groups
-    self.use_fast_variance = use_fast_variance
-    self.promote_dtype = promote_dtype
     # Numbers and schedule functions are static (part of the graph
     # definition); a schedule's value comes from the `count` BatchStat.
     self.r_max = float(r_max) if not callable(r_max) else r_max
     self.d_max = float(d_max) if not callable(d_max) else d_max
-    self.running_var = running_var
 
   def __call__(
       self,
@@ -353,12 +325,6 @@ class BatchRenorm(nnx.Module):
           mask=mask, running_var=self.running_var, dtype=out_dtype)
 
     return _batch_stats_call(self, x, use_running_average, mask, train)
-
-  def set_view(self, use_running_average: bool | None = None):
-    """Sets the mode; called by ``nnx.view``."""
-    if use_running_average is not None:
-      self.use_running_average = use_running_average
-
 
 class LayerNorm(nnx.Module):
   """Layer normalization, argument-for-argument ``flax.nnx.LayerNorm``.
