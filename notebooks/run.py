@@ -78,7 +78,7 @@ def execute(path, out=None, *, quick: bool = False, timeout: int = 900,
     out = Path(out) if out is not None else path
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(
-        nb, timeout=timeout, kernel_name="python3", allow_errors=False,
+        nb, timeout=timeout, kernel_name="python3", allow_errors=False, startup_timeout=300,
         resources={"metadata": {"path": str(cwd or path.parent)}})
     t0 = time.perf_counter()
     try:
