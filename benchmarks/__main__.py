@@ -132,6 +132,8 @@ def worker_tables(only, runs: dict) -> list[tuple[str, str]]:
     if any(", " in name for name in runs):  # processes under other settings
         out.append(("Worker process settings: glibc malloc, one core",
                     report.settings_table(runs)))
+        out.append(("Fastest configuration of each framework (from all worker processes above)",
+                    report.best_table(runs)))
     return out
 
 

@@ -1,16 +1,14 @@
 """The train/ CNN step with Flax's conv and pool against ``train.conv``'s.
 
 The step is train's own (``train.models`` + ``train.steps``, jitted with
-donation by ``steps.jit_steps``). In the variants every ``nnx.Conv`` of the
-built model is replaced by a ``train.conv.Conv`` holding the same parameters
-(which is also what ``train.conv.Conv`` would have initialised from the same
-seed), and ``train.models._max_pool`` is replaced while the step is traced:
-each variant is the model ``train/models.py`` would run after switching.
+donation by ``steps.jit_steps``). Each variant takes the model train builds,
+replaces every convolution by the variant's class holding the same
+parameters, and replaces ``train.models._max_pool`` while the step is
+traced: the comparison is the same whichever ones ``train/models.py`` uses.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 from unittest import mock
@@ -24,34 +22,42 @@ from benchmarks import timing
 from train import conv, models, steps
 
 IMAGE = (28, 28, 1)
+
+
+def _flax_pool(x):
+    return nnx.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+
+
+# name: (convolution class, 2x2 max pool)
 VARIANTS = {
-    "flax": {"swap_conv": False, "swap_pool": False},
-    "train.conv.Conv": {"swap_conv": True, "swap_pool": False},
-    "Conv + max_pool": {"swap_conv": True, "swap_pool": True},
+    "flax": (nnx.Conv, _flax_pool),
+    "train.conv.Conv": (conv.Conv, _flax_pool),
+    "Conv + max_pool": (conv.Conv, conv.max_pool),
 }
 REFERENCE = "flax"
+CONVS = (nnx.Conv, conv.Conv)
 
 
 def batch_size(quick: bool) -> int:
     return 8 if quick else 128
 
 
-def with_train_convs(model: nnx.Module) -> nnx.Module:
-    """``model`` with each ``nnx.Conv`` replaced by a ``train.conv.Conv`` of the same parameters."""
+def with_convs(model: nnx.Module, cls) -> nnx.Module:
+    """``model`` with every convolution replaced by a ``cls`` of the same parameters."""
     for path, node in list(nnx.iter_graph(model)):
-        if type(node) is nnx.Conv:
+        if type(node) in CONVS:
             parent = functools.reduce(_child, path[:-1], model)
-            _set_child(parent, path[-1], _converted(node))
+            _set_child(parent, path[-1], _converted(node, cls))
     return model
 
 
-def _converted(layer: nnx.Conv) -> conv.Conv:
+def _converted(layer, cls):
+    kernel = layer.kernel[...]
     bias = layer.bias
-    return conv.Conv(layer.in_features, layer.out_features, layer.kernel_size, layer.strides,
-                     padding=layer.padding, use_bias=layer.use_bias, dtype=layer.dtype,
-                     param_dtype=layer.param_dtype,
-                     kernel_init=lambda *_: layer.kernel[...],
-                     bias_init=lambda *_: bias[...], rngs=nnx.Rngs(0))
+    return cls(kernel.shape[-2], kernel.shape[-1], kernel.shape[:-2], layer.strides,
+               padding=layer.padding, use_bias=bias is not None, dtype=layer.dtype,
+               param_dtype=kernel.dtype, kernel_init=lambda *_: kernel,
+               bias_init=lambda *_: bias[...], rngs=nnx.Rngs(0))
 
 
 def _child(node, key):
@@ -63,13 +69,6 @@ def _set_child(node, key, value):
         node[key] = value
     else:
         setattr(node, key, value)
-
-
-def pool_swapped(swap_pool: bool):
-    """A context in which tracing train.models' CNN uses train.conv.max_pool."""
-    if swap_pool:
-        return mock.patch.object(models, "_max_pool", conv.max_pool)
-    return contextlib.nullcontext()
 
 
 def _normal(seed, shape):
@@ -85,10 +84,8 @@ class Stepper:
     """Runs the donated train step, carrying the state; one call = one blocking step."""
 
     def __init__(self, variant: str, n: int):
-        options = VARIANTS[variant]
-        model = models.build_model("cnn", IMAGE, norm="batch", seed=0)
-        if options["swap_conv"]:
-            model = with_train_convs(model)
+        conv_cls, pool = VARIANTS[variant]
+        model = with_convs(models.build_model("cnn", IMAGE, norm="batch", seed=0), conv_cls)
         graphdefs, params, model_state = steps.split_model(model)
         schedule = steps.make_schedule("cosine", 2e-3, 1000)
         tx = steps.make_optimizer("adam", schedule)
@@ -97,7 +94,8 @@ class Stepper:
                                         steps.make_eval_step(graphdefs.eval), None)
         self.batch = _batch(n)
         start = time.perf_counter()
-        with pool_swapped(options["swap_pool"]):  # the pool is looked up while tracing
+        # The CNN looks its pool up while being traced.
+        with mock.patch.object(models, "_max_pool", pool):
             lowered = train_step.lower(self.state, self.batch)
         self.step = lowered.compile()
         self()
@@ -145,10 +143,6 @@ def _pool_case(pool, x_shape):
     g = _normal(2, (x_shape[0], x_shape[1] // 2, x_shape[2] // 2, x_shape[3]))
     grad = jax.jit(jax.grad(lambda x: jnp.sum(pool(x) * g)))
     return lambda: jax.block_until_ready(grad(x))
-
-
-def _flax_pool(x):
-    return nnx.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
 
 
 def layer_cases(n: int) -> dict[str, dict]:

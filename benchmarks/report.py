@@ -83,6 +83,23 @@ def cnn_table(jax_run: dict, torch_run: dict | None) -> str:
     return timing.table(headers, table_rows)
 
 
+def best_table(runs: dict[str, dict]) -> str:
+    """Each framework's fastest configuration (any layout, variant or process setting)."""
+    rows = []
+    for label, task, key in (("BN fwd+bwd", "bn", "seconds"), ("CNN step", "cnn", "step")):
+        best = {}
+        for name, run in runs.items():
+            framework, setting = (name.split(", ", 1) + ["default"])[:2]
+            for variant, r in run.get(task, {}).items():
+                if framework not in best or r[key] < best[framework][0]:
+                    best[framework] = (r[key], f"{variant}, {setting}")
+        if len(best) == 2:
+            (jax_t, jax_how), (torch_t, torch_how) = best["JAX"], best["PyTorch"]
+            rows.append([label, f"{timing.ms(jax_t)} ({jax_how})",
+                         f"{timing.ms(torch_t)} ({torch_how})", timing.ratio(jax_t, torch_t)])
+    return timing.table(["measurement", "fastest JAX", "fastest PyTorch", "JAX / PyTorch"], rows)
+
+
 def settings_table(runs: dict[str, dict]) -> str:
     """One row per (framework, setting) measurement; ratios to the default setting."""
     default = {"JAX": runs.get("JAX"), "PyTorch": runs.get("PyTorch")}
