@@ -144,17 +144,10 @@ def batch_norm(
   """
   x = _checks.float_array(x)
   training = _checks.training_flag(training)
-  feature_axes = _checks.canonical_axes(axis, x.ndim)
-  feature_shape = tuple(x.shape[a] for a in feature_axes)
-  _checks.state_matches(state, feature_shape)
-  _checks.param_matches(scale, 'scale', feature_shape)
-  _checks.param_matches(bias, 'bias', feature_shape)
-  _checks.momentum(momentum)
-  _checks.epsilon(epsilon)
-  _checks.running_var(running_var)
-  _checks.axis_groups(axis_name, axis_index_groups)
-  if mask is not None:
-    mask = _checks.mask_for(mask, x.shape)
+  feature_axes, mask = check_call(
+      x, state, scale, bias, axis=axis, momentum=momentum, epsilon=epsilon,
+      running_var=running_var, axis_name=axis_name,
+      axis_index_groups=axis_index_groups, mask=mask)
 
   if not training:
     y = normalize_masked(x, mask, state.mean, state.var, scale, bias,
@@ -192,6 +185,24 @@ def normalize_masked(x, mask, mean, var, scale, bias, **kwargs):
   live = normalize(jnp.where(mask, x, 0), mean, var, scale, bias, **kwargs)
   dead = lax.stop_gradient(normalize(x, mean, var, scale, bias, **kwargs))
   return jnp.where(mask, live, dead)
+
+
+def check_call(x, state, scale, bias, *, axis, momentum, epsilon, running_var,
+               axis_name, axis_index_groups, mask):
+  """Validates what every batch-norm flavour shares, at trace time.
+
+  Returns the sorted feature axes and the mask broadcast to ``x`` (or None).
+  """
+  feature_axes = _checks.canonical_axes(axis, x.ndim)
+  feature_shape = tuple(x.shape[a] for a in feature_axes)
+  _checks.state_matches(state, feature_shape)
+  _checks.param_matches(scale, 'scale', feature_shape)
+  _checks.param_matches(bias, 'bias', feature_shape)
+  _checks.momentum(momentum)
+  _checks.epsilon(epsilon)
+  _checks.running_var(running_var)
+  _checks.axis_groups(axis_name, axis_index_groups)
+  return feature_axes, None if mask is None else _checks.mask_for(mask, x.shape)
 
 
 def _ghost_batch_norm(x, state, scale, bias, *, feature_axes, virtual_batch_size,

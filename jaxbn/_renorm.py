@@ -24,6 +24,7 @@ import numpy as np
 from jax import lax
 
 from jaxbn import _checks
+from jaxbn._functional import check_call
 from jaxbn._functional import normalize_masked
 from jaxbn._functional import update_state
 from jaxbn._moments import reduce_moments
@@ -101,25 +102,18 @@ def batch_renorm(
         'batch_renorm needs a real input: the clipped corrections r and d '
         'have no complex meaning; use jaxbn.batch_norm for complex inputs.')
   training = _checks.training_flag(training)
-  feature_axes = _checks.canonical_axes(axis, x.ndim)
-  feature_shape = tuple(x.shape[a] for a in feature_axes)
-  _checks.state_matches(state, feature_shape)
-  _checks.param_matches(scale, 'scale', feature_shape)
-  _checks.param_matches(bias, 'bias', feature_shape)
-  _checks.momentum(momentum)
-  _checks.epsilon(epsilon)
-  _checks.running_var(running_var)
-  _checks.axis_groups(axis_name, axis_index_groups)
+  feature_axes, mask = check_call(
+      x, state, scale, bias, axis=axis, momentum=momentum, epsilon=epsilon,
+      running_var=running_var, axis_name=axis_name,
+      axis_index_groups=axis_index_groups, mask=mask)
   _check_limit(r_max, 'r_max', 1.0,
                'r_max=1 disables the variance correction (plain batch norm)')
   _check_limit(d_max, 'd_max', 0.0,
                'd_max=0 disables the mean correction (plain batch norm)')
-  if mask is not None:
-    mask = _checks.mask_for(mask, x.shape)
 
   if not training:
     y = normalize_masked(x, mask, state.mean, state.var, scale, bias,
-                          axis=feature_axes, epsilon=epsilon, dtype=dtype)
+                         axis=feature_axes, epsilon=epsilon, dtype=dtype)
     return y, state
 
   reduction_axes = _checks.complement_axes(feature_axes, x.ndim)
@@ -128,7 +122,8 @@ def batch_renorm(
   batch = reduce_moments(x, reduction_axes, mask=mask, axis_name=axis_name,
                          axis_index_groups=axis_index_groups)
   r, d = _corrections(batch.mean, batch.var, state.mean, state.var,
-                            r_max=r_max, d_max=d_max, epsilon=epsilon)
+                      r_max=r_max, d_max=d_max, epsilon=epsilon)
+  feature_shape = tuple(x.shape[a] for a in feature_axes)
   eff_scale, eff_bias = _effective_affine(scale, bias, r, d, feature_shape)
   y = normalize_masked(x, mask, batch.mean, batch.var, eff_scale, eff_bias,
                         axis=feature_axes, epsilon=epsilon, dtype=dtype)
