@@ -29,7 +29,8 @@ def parse(argv):
     p.add_argument("--rounds", type=int, help="rounds of worker processes (default 3; quick 1)")
     p.add_argument("--gpu", action="store_true", help="fail unless JAX's default backend is a GPU")
     p.add_argument("--write-results", nargs="?", const=str(HERE), metavar="DIR",
-                   help="write RESULTS.md and bn_times.png to DIR (default: benchmarks/)")
+                   help="write RESULTS.md, bn_times.png and results.json to DIR "
+                        "(default: benchmarks/)")
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(SECTIONS))

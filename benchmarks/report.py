@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import shlex
@@ -128,14 +129,20 @@ def _settings_numbers(run: dict):
 
 
 def write(directory: Path, meta: dict, sections: list[tuple[str, str]], results: dict) -> Path:
+    """RESULTS.md, the plot, and results.json (the raw numbers, for later comparisons)."""
     directory.mkdir(parents=True, exist_ok=True)
     plot = _plot(directory / "bn_times.png", results)
-    text = _markdown(meta, sections, plot)
+    _write_atomic(directory / "results.json",
+                  json.dumps({"meta": meta, "results": results}, indent=1, sort_keys=True) + "\n")
     path = directory / "RESULTS.md"
+    _write_atomic(path, _markdown(meta, sections, plot))
+    return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-    return path
 
 
 def _markdown(meta: dict, sections, plot: str | None) -> str:

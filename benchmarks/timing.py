@@ -41,7 +41,8 @@ def medians(times: Mapping[str, Sequence[float]]) -> dict[str, float]:
 
 
 def ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3g} ms" if seconds < 10 else f"{seconds:.3g} s"
+    """Milliseconds below a second, seconds above."""
+    return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
 
 
 def ratio(value: float, reference: float) -> str:
