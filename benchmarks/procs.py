@@ -18,12 +18,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # glibc malloc settings tried on the JAX (and PyTorch) processes. XLA:CPU
-# allocates each program's temporaries and outputs afresh per call; buffers
-# that malloc serves with mmap come back as new pages that fault in on first
-# touch. MALLOC_MMAP_THRESHOLD_ is capped by glibc at 32 MiB, so larger
-# buffers stay mmapped whatever it says; MALLOC_MMAP_MAX_=0 turns mmap off,
-# and MALLOC_ARENA_MAX=1 keeps XLA's worker threads on the main heap, whose
-# freed memory MALLOC_TRIM_THRESHOLD_ then keeps for reuse.
+# allocates a program's temporaries (one buffer: 150 MiB for the CNN step)
+# and outputs afresh on every call; what malloc serves with mmap comes back
+# as new pages that fault in on first touch. glibc caps
+# MALLOC_MMAP_THRESHOLD_ at 32 MiB, so larger buffers stay mmapped whatever
+# it says; MALLOC_MMAP_MAX_=0 turns mmap off, and MALLOC_ARENA_MAX=1 keeps
+# XLA's worker threads on the main heap, whose freed memory a high
+# MALLOC_TRIM_THRESHOLD_ then keeps for reuse.
 ALLOCATOR_ENVS = {
     "default": {},
     "mmap/trim thresholds": {"MALLOC_MMAP_THRESHOLD_": "33554432",
