@@ -2,7 +2,8 @@
 
 Layout: ``checkpoints/ckpt-<position>/`` holding ``state.npz`` (the pytree's
 leaves, in flattening order) and ``meta.json`` (data position, run
-bookkeeping, leaf names/shapes/dtypes and the SHA-256 of ``state.npz``).
+bookkeeping, leaf names/shapes/dtypes, the SHA-256 of ``state.npz`` and the
+SHA-256 of meta.json's own other fields).
 
 A checkpoint is written into a hidden temporary folder, fsynced, then renamed
 into place: a kill at any moment leaves either the complete checkpoint or no
@@ -25,7 +26,9 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-FORMAT = 1
+# Format 2 adds meta_sha256; format 1 (no checksum over meta.json) still loads.
+FORMAT = 2
+_FORMATS = (1, 2)
 _NAME = re.compile(r"^ckpt-(\d+)$")
 STATE_FILE = "state.npz"
 META_FILE = "meta.json"
@@ -55,6 +58,22 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _meta_digest(meta: dict[str, Any]) -> str:
+    # Canonical JSON: a float's repr round-trips, so a re-read dict hashes alike.
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _verifies(path: Path) -> bool:
+    """Whether checkpoint ``path``'s files match their checksums."""
+    try:
+        meta = read_meta(path)
+        payload = (path / STATE_FILE).read_bytes()
+    except (CheckpointError, OSError):
+        return False
+    return hashlib.sha256(payload).hexdigest() == meta.get("sha256")
+
+
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """Complete-named checkpoints under ``root``, oldest first."""
     if not root.is_dir():
@@ -71,7 +90,7 @@ def save(root: Path, state: Any, meta: dict[str, Any], *, position: int, keep: i
     """Write ``state`` and ``meta`` as checkpoint ``position``; keep the newest ``keep``."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"ckpt-{position:09d}"
-    if final.exists():
+    if final.exists() and _verifies(final):
         # Same data position, same state: nothing new to write.
         return final
     leaves = [np.asarray(x) for x in jax.device_get(jax.tree.leaves(state))]
@@ -86,6 +105,7 @@ def save(root: Path, state: Any, meta: dict[str, Any], *, position: int, keep: i
         leaves=[{"name": n, "shape": list(x.shape), "dtype": str(x.dtype)}
                 for n, x in zip(_leaf_names(state), leaves)],
     )
+    full_meta["meta_sha256"] = _meta_digest(full_meta)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -93,19 +113,24 @@ def save(root: Path, state: Any, meta: dict[str, Any], *, position: int, keep: i
     _write_synced(tmp / STATE_FILE, payload)
     _write_synced(tmp / META_FILE, json.dumps(full_meta, indent=1).encode())
     _fsync_path(tmp)
+    if final.exists():
+        # A damaged checkpoint at this position (a restart reached it again):
+        # move it aside under a temporary name that remove_partial cleans up.
+        os.rename(final, root / f".tmp-damaged-{final.name}-{os.getpid()}")
     os.rename(tmp, final)
     _fsync_path(root)
+    remove_partial(root, f".tmp-damaged-{final.name}-{os.getpid()}")
     for _, old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def remove_partial(root: Path) -> list[Path]:
+def remove_partial(root: Path, prefix: str = ".tmp-") -> list[Path]:
     """Delete leftovers of interrupted writes (hidden temporary folders)."""
     removed = []
     if root.is_dir():
         for entry in root.iterdir():
-            if entry.name.startswith(".tmp-"):
+            if entry.name.startswith(prefix):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry)
     return removed
@@ -118,8 +143,10 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{META_FILE} is missing") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{META_FILE} is unreadable ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in _FORMATS:
         raise CheckpointError(f"{META_FILE} has an unknown format")
+    if meta["format"] >= 2 and meta.get("meta_sha256") != _meta_digest(meta):
+        raise CheckpointError(f"{META_FILE} does not match its checksum (partial or corrupted)")
     return meta
 
 

@@ -84,3 +84,32 @@ def test_meta_records_checksum_and_leaf_layout(tmp_path):
     assert len(meta["sha256"]) == 64
     assert {leaf["name"]: leaf["shape"] for leaf in meta["leaves"]} == {
         "['key']": [2], "['n']": [], "['w']": [3, 2]}
+
+
+def test_a_bit_flip_in_meta_json_is_detected(tmp_path):
+    path = checkpoint.save(tmp_path, _state(), {"batch": 4}, position=1)
+    meta = path / checkpoint.META_FILE
+    meta.write_bytes(meta.read_bytes().replace(b'"batch": 4', b'"batch": 5'))
+    with pytest.raises(checkpoint.CheckpointError, match="meta.json does not match its checksum"):
+        checkpoint.restore(path, _state())
+
+
+def test_format_1_checkpoints_without_a_meta_checksum_still_load(tmp_path):
+    path = checkpoint.save(tmp_path, _state(2.0), {"note": 1}, position=1)
+    meta = json.loads((path / checkpoint.META_FILE).read_text())
+    del meta["meta_sha256"]
+    meta["format"] = 1
+    (path / checkpoint.META_FILE).write_text(json.dumps(meta))
+    state, loaded = checkpoint.restore(path, _state())
+    assert _same(state, _state(2.0)) and loaded["note"] == 1
+
+
+def test_saving_over_a_damaged_checkpoint_replaces_it(tmp_path):
+    path = checkpoint.save(tmp_path, _state(1.0), {}, position=1)
+    (path / checkpoint.STATE_FILE).write_bytes(b"torn")
+    assert checkpoint.save(tmp_path, _state(2.0), {}, position=1) == path
+    assert _same(checkpoint.restore(path, _state())[0], _state(2.0))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # nothing set aside is left
+    # An intact checkpoint at the same position is kept as it is.
+    checkpoint.save(tmp_path, _state(3.0), {}, position=1)
+    assert _same(checkpoint.restore(path, _state())[0], _state(2.0))
