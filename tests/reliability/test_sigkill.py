@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from conftest import (REPO, STEPS_PER_EPOCH, TINY_ARGS, assert_same_run, cli_env, holds_lock,
-                      run_cli, start, train_cmd, wait_until)
+from reliability_helpers import (REPO, STEPS_PER_EPOCH, TINY_ARGS, assert_same_run, cli_env,
+                                 holds_lock, run_cli, start, train_cmd, wait_until)
 
 from train import checkpoint
 

@@ -1,0 +1,123 @@
+"""Damaged checkpoints on disk: skipped with a warning naming them, older ones used.
+
+tests/train covers a truncated state.npz and cut-off JSON; these add damage
+that keeps the files' sizes or their JSON valid, and a folder where nothing
+verifies, as the user sees it from the command line.
+"""
+
+import io
+import os
+
+import pytest
+
+from reliability_helpers import (STEPS_PER_EPOCH, TINY, TINY_ARGS, assert_same_run,
+                                 run_cli)
+
+from train import checkpoint, loop
+from train.config import Config, resolve
+
+STOP = STEPS_PER_EPOCH + 4  # mid-epoch 2: checkpoints at steps 10 and 14
+
+
+def interrupted_run(out):
+    """A run stopped after step STOP (as on SIGINT): checkpoints 10 and 14."""
+    code, _ = loop.run(resolve(Config(out=str(out), **TINY)), stdout=io.StringIO(),
+                       interrupt_at_step=STOP)
+    assert code == loop.EXIT_INTERRUPTED
+    found = checkpoint.list_checkpoints(out / "checkpoints")
+    assert [pos for pos, _ in found] == [STEPS_PER_EPOCH, STOP]
+    return found[-1][1]
+
+
+def resume(out):
+    stdout = io.StringIO()
+    code, _ = loop.run(resolve(Config(out=str(out), resume=True, **TINY)), stdout=stdout)
+    assert code == 0
+    return stdout.getvalue()
+
+
+def flip_bit(path, offset, bit=0):
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 1 << bit
+    path.write_bytes(bytes(raw))
+
+
+def flip_in_state(ckpt):
+    blob = ckpt / checkpoint.STATE_FILE
+    flip_bit(blob, blob.stat().st_size // 2)  # inside the arrays; size unchanged
+
+
+def flip_batch_index(ckpt):
+    # "batch": 4 -> "batch": 5, a one-bit change that leaves valid JSON: without
+    # a checksum over meta.json the run would silently skip a batch.
+    meta = ckpt / checkpoint.META_FILE
+    offset = meta.read_bytes().index(b'"batch": 4') + len(b'"batch": ')
+    flip_bit(meta, offset)
+
+
+def flip_metrics_length(ckpt):
+    # The byte count metrics.jsonl is cut back to on resume.
+    meta = ckpt / checkpoint.META_FILE
+    offset = meta.read_bytes().index(b'"metrics_bytes": ') + len(b'"metrics_bytes": ')
+    flip_bit(meta, offset, bit=1)
+
+
+def garbage_meta(ckpt):
+    (ckpt / checkpoint.META_FILE).write_bytes(os.urandom(256) + b"\xff\xfe")
+
+
+def empty_state(ckpt):
+    (ckpt / checkpoint.STATE_FILE).write_bytes(b"")
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (flip_in_state, "state.npz does not match its checksum"),
+    (flip_batch_index, "meta.json does not match its checksum"),
+    (flip_metrics_length, "meta.json does not match its checksum"),
+    (garbage_meta, "meta.json is unreadable"),
+    (empty_state, "state.npz does not match its checksum"),
+], ids=lambda v: getattr(v, "__name__", None))
+def test_damaged_newest_checkpoint_is_skipped_and_the_older_one_used(
+        tmp_path, reference, damage, reason):
+    out = tmp_path / "run"
+    newest = interrupted_run(out)
+    damage(newest)
+    text = resume(out)
+    assert f"warning: skipping checkpoint {newest}: {reason}" in text
+    assert f"resuming from checkpoints/ckpt-{STEPS_PER_EPOCH:09d}" in text
+    assert_same_run(out, reference)
+
+
+def test_no_checkpoint_verifies_the_command_line_says_so(tmp_path, reference):
+    out = tmp_path / "run"
+    interrupted_run(out)
+    damaged = [path for _, path in checkpoint.list_checkpoints(out / "checkpoints")]
+    flip_in_state(damaged[0])
+    flip_batch_index(damaged[1])
+    proc = run_cli(*TINY_ARGS, "--out", out, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[:3] == [
+        f"warning: skipping checkpoint {damaged[1]}: meta.json does not match its checksum "
+        "(partial or corrupted)",
+        f"warning: skipping checkpoint {damaged[0]}: state.npz does not match its checksum "
+        "(partial or corrupted)",
+        f"no complete checkpoint in {out / 'checkpoints'}; starting from the beginning",
+    ]
+    assert_same_run(out, reference)  # the restart is the uninterrupted run
+
+
+def test_a_restart_replaces_damaged_checkpoints_it_reaches_again(tmp_path, reference):
+    # Nothing verifies, so the run starts over; when it is stopped again at
+    # step 10, checkpoint 10 must now hold its state, not the damaged copy.
+    out = tmp_path / "run"
+    interrupted_run(out)
+    (_, older), (_, newest) = checkpoint.list_checkpoints(out / "checkpoints")
+    flip_in_state(older)
+    flip_batch_index(newest)
+    code, _ = loop.run(resolve(Config(out=str(out), resume=True, **TINY)), stdout=io.StringIO(),
+                       interrupt_at_step=STEPS_PER_EPOCH)
+    assert code == loop.EXIT_INTERRUPTED
+    text = resume(out)
+    assert f"resuming from checkpoints/ckpt-{STEPS_PER_EPOCH:09d}" in text
+    assert_same_run(out, reference)
