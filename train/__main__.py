@@ -18,7 +18,8 @@ def main(argv=None) -> int:
     try:
         explicit = explicit_args(argv)
         cfg = resolve(Config(**explicit))  # cheap checks before importing jax
-        check_out_dir(cfg.out, cfg.resume)
+        if cfg.process_id == 0:  # the only process that writes --out
+            check_out_dir(cfg.out, cfg.resume)
     except ConfigError as e:
         return _fail(str(e), 2)
     from train.data import DataError, check_present

@@ -36,8 +36,12 @@ TRAINING_FIELDS = (
     "dataset", "model", "norm", "epochs", "batch_size", "lr", "seed",
     "devices", "optimizer", "weight_decay", "schedule", "mlp_depth",
     "mlp_width", "activation", "limit_train", "bn_momentum",
-    "virtual_batch_size",
+    "virtual_batch_size", "bn_group_size",
 )
+
+# How this process joins a multi-process run: set per launch, never taken
+# from a checkpoint (the coordinator's port and the process id change).
+LAUNCH_FIELDS = ("coordinator", "num_processes", "process_id")
 
 
 class ConfigError(ValueError):
@@ -49,7 +53,8 @@ class Config:
     """Everything that defines a training run.
 
     ``None`` for ``epochs``, ``batch_size``, ``lr`` and ``out`` means "the
-    default for this dataset"; :func:`resolve` fills them in.
+    default for this dataset", for ``devices`` one per process and for
+    ``bn_group_size`` all devices; :func:`resolve` fills them in.
     """
 
     dataset: str = "digits"
@@ -62,7 +67,7 @@ class Config:
     seed: int = 0
     out: str | None = None
     resume: bool = False
-    devices: int = 1
+    devices: int | None = None
     optimizer: str = "adam"
     weight_decay: float = 0.0
     schedule: str = "cosine"
@@ -75,6 +80,10 @@ class Config:
     limit_train: int | None = None
     bn_momentum: float = 0.9
     virtual_batch_size: int = 16
+    bn_group_size: int | None = None
+    coordinator: str | None = None
+    num_processes: int = 1
+    process_id: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,7 +106,10 @@ def resolve(cfg: Config) -> Config:
         batch_size=defaults["batch_size"] if cfg.batch_size is None else cfg.batch_size,
         lr=defaults["lr"] if cfg.lr is None else cfg.lr,
         data_dir=cfg.data_dir if cfg.data_dir is not None else os.environ.get("JAXBN_DATA") or None,
+        devices=cfg.num_processes if cfg.devices is None else cfg.devices,
     )
+    if cfg.bn_group_size is None:
+        cfg = dataclasses.replace(cfg, bn_group_size=cfg.devices)
     if cfg.out is None:
         cfg = dataclasses.replace(cfg, out=default_out_dir(cfg))
     validate(cfg)
@@ -115,7 +127,7 @@ def validate(cfg: Config) -> None:
         if value not in allowed:
             raise ConfigError(f"--{name} {value!r} is not one of: {', '.join(allowed)}")
     at_least_one = ("epochs", "batch_size", "devices", "max_bad_steps", "mlp_depth",
-                    "mlp_width", "virtual_batch_size")
+                    "mlp_width", "virtual_batch_size", "bn_group_size", "num_processes")
     for name in at_least_one:
         value = getattr(cfg, name)
         if value is not None and value < 1:
@@ -130,6 +142,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--bn-momentum must be in [0, 1), got {cfg.bn_momentum}")
     if cfg.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {cfg.seed}")
+    _validate_parallel(cfg)
     if cfg.batch_size is not None:
         if cfg.batch_size % cfg.devices:
             raise ConfigError(
@@ -144,6 +157,39 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"--norm {cfg.norm} needs at least 2 examples per batch to estimate "
                 f"statistics; raise --batch-size (got {cfg.batch_size})")
+
+
+def _validate_parallel(cfg: Config) -> None:
+    if cfg.devices is not None and cfg.bn_group_size is not None:
+        if cfg.devices % cfg.bn_group_size:
+            raise ConfigError(
+                f"--bn-group-size {cfg.bn_group_size} does not divide --devices {cfg.devices}; "
+                f"batch-norm groups must split the devices evenly")
+        if cfg.bn_group_size < cfg.devices and cfg.norm not in BATCH_STAT_NORMS:
+            raise ConfigError(
+                f"--bn-group-size only applies to batch statistics, and --norm {cfg.norm} "
+                f"has none; drop --bn-group-size")
+    if cfg.num_processes == 1:
+        if cfg.coordinator is not None or cfg.process_id != 0:
+            raise ConfigError(
+                "--coordinator and --process-id only apply with --num-processes 2 or more")
+        return
+    if cfg.coordinator is None:
+        raise ConfigError(
+            f"--num-processes {cfg.num_processes} needs --coordinator HOST:PORT, the address "
+            f"of process 0 (the same on every process)")
+    host, _, port = cfg.coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"--coordinator {cfg.coordinator!r} is not HOST:PORT (e.g. 10.0.0.1:1234)")
+    if not 0 <= cfg.process_id < cfg.num_processes:
+        raise ConfigError(
+            f"--process-id {cfg.process_id} is not in 0..{cfg.num_processes - 1} "
+            f"(--num-processes {cfg.num_processes})")
+    if cfg.devices is not None and cfg.devices % cfg.num_processes:
+        raise ConfigError(
+            f"--devices {cfg.devices} is not a multiple of --num-processes "
+            f"{cfg.num_processes}; every process contributes the same number of devices")
 
 
 RUN_MARKERS = ("metrics.jsonl", "summary.json", "checkpoints")
@@ -210,7 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last complete checkpoint")
     p.add_argument("--devices", type=_int, metavar="N",
-                   help="data-parallel over N devices (default: 1)")
+                   help="data-parallel over N devices in all, batch-norm statistics synced "
+                        "across them (default: 1 per process)")
+    p.add_argument("--bn-group-size", type=_int, metavar="G",
+                   help="batch-norm statistics over groups of G devices instead of all "
+                        "(default: all --devices)")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="address of process 0 for a multi-process run (jax.distributed)")
+    p.add_argument("--num-processes", type=_int, metavar="P",
+                   help="processes in a multi-process run (default: 1)")
+    p.add_argument("--process-id", type=_int, metavar="I",
+                   help="this process's index, 0..P-1; process 0 writes --out")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help="default: adam")
     p.add_argument("--weight-decay", type=_float, metavar="WD", help="default: 0")
     p.add_argument("--schedule", choices=SCHEDULES,

@@ -13,6 +13,8 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import hashlib
+import io
 import json
 import math
 import os
@@ -29,10 +31,12 @@ import jax
 import numpy as np
 
 from train import checkpoint, data, models, plots, steps
-from train.config import Config, ConfigError, TRAINING_FIELDS, check_out_dir, resolve
+from train.config import (Config, ConfigError, LAUNCH_FIELDS, TRAINING_FIELDS, check_out_dir,
+                          resolve)
 
 EXIT_INTERRUPTED = 130
 EVAL_BATCH = 1000
+JOIN_TIMEOUT_S = 120
 KEEP_CHECKPOINTS = 3
 
 
@@ -108,7 +112,8 @@ def resume_config(explicit: dict[str, Any]) -> Config:
                 f"--{key.replace('_', '-')} {value} differs from the run in {probe.out} "
                 f"({saved[key]}); drop the option to resume, or choose another --out")
     known = {f.name for f in dataclasses.fields(Config)}
-    merged = {k: v for k, v in saved.items() if k in known and k not in ("out", "resume")}
+    merged = {k: v for k, v in saved.items()
+              if k in known and k not in ("out", "resume") + LAUNCH_FIELDS}
     merged.update(explicit)
     merged.setdefault("out", probe.out)
     return resolve(Config(**merged))
@@ -227,14 +232,23 @@ def versions() -> dict[str, str]:
 
 def device_description(n: int) -> str:
     d = jax.devices()[0]
-    return f"{n} x {d.platform} ({getattr(d, 'device_kind', d.platform)})"
+    text = f"{n} x {d.platform} ({getattr(d, 'device_kind', d.platform)})"
+    return text + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
+
+
+def state_digest(host_state) -> str:
+    """SHA-256 of every parameter and statistic, to compare runs bit for bit."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(host_state):
+        h.update(np.ascontiguousarray(leaf).tobytes())
+    return h.hexdigest()
 
 
 def evaluate(eval_step, state, x, y, batch_size: int, mesh) -> tuple[float, float]:
     """Mean loss and accuracy over every example, with running statistics."""
     loss_sum = correct = count = 0.0
     for xb, yb, mb in data.eval_batches(x, y, batch_size):
-        out = jax.device_get(eval_step(state, steps.place_batch((xb, yb, mb), mesh)))
+        out = steps.to_host(eval_step(state, steps.place_batch((xb, yb, mb), mesh)))
         loss_sum += float(out["loss_sum"])
         correct += float(out["correct"])
         count += float(out["count"])
@@ -315,12 +329,21 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
     """
     stdout = stdout or sys.stdout
     out = Path(cfg.out)
-    opts = models.NormOptions(momentum=cfg.bn_momentum, virtual_batch_size=cfg.virtual_batch_size)
+    join_processes(cfg)
+    opts = norm_options(cfg)
     try:
         mesh = steps.make_mesh(cfg.devices)
     except ValueError as e:
+        if cfg.resume:
+            raise ConfigError(
+                f"the run in {cfg.out} was checkpointed on --devices {cfg.devices}, but only "
+                f"{jax.device_count()} device(s) are visible; resume it where {cfg.devices} "
+                f"are (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count="
+                f"{cfg.devices}) or start a new --out") from None
         raise ConfigError(str(e)) from None
-    check_out_dir(cfg.out, cfg.resume)
+    primary = cfg.process_id == 0
+    if primary:
+        check_out_dir(cfg.out, cfg.resume)
 
     dataset = load_data(cfg.dataset, cfg.data_dir, download_missing=cfg.download,
                         base_url=cfg.base_url, limit_train=cfg.limit_train,
@@ -334,6 +357,10 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
     total_steps = spe * cfg.epochs
     eval_bs = _round_up(min(EVAL_BATCH, len(dataset.x_test)), cfg.devices)
 
+    if not primary:
+        # Process 0 alone writes --out; the others only read checkpoints.
+        return _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout,
+                      interrupt_at_step)
     lock_fd = open_out_dir(out, cfg.resume)
     try:
         return _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout,
@@ -342,8 +369,37 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
         os.close(lock_fd)
 
 
+def join_processes(cfg: Config) -> None:
+    """Connect to the other processes of a multi-process run (jax.distributed)."""
+    if cfg.num_processes == 1 or jax.distributed.is_initialized():
+        return
+    # CPU devices of different processes talk through gloo; GPUs and TPUs use
+    # their own collectives whatever this says.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id,
+                                   initialization_timeout=JOIN_TIMEOUT_S)
+    except Exception as e:  # jax raises bare RuntimeErrors/XlaRuntimeErrors here
+        raise RunError(
+            f"process {cfg.process_id} could not join the {cfg.num_processes}-process run at "
+            f"--coordinator {cfg.coordinator} ({str(e).splitlines()[0]}); start every process "
+            f"with the same --coordinator and --num-processes, process 0 on that host") from None
+
+
+def norm_options(cfg: Config) -> models.NormOptions:
+    """Normalization settings; with several devices, batch norms sync over them."""
+    groups = None
+    if cfg.bn_group_size < cfg.devices:
+        g = cfg.bn_group_size
+        groups = tuple(tuple(range(i, i + g)) for i in range(0, cfg.devices, g))
+    return models.NormOptions(
+        momentum=cfg.bn_momentum, virtual_batch_size=cfg.virtual_batch_size,
+        axis_name=steps.DATA_AXIS if cfg.devices > 1 else None, axis_index_groups=groups)
+
+
 @functools.lru_cache(maxsize=16)
-def compiled_steps(graphdefs, optimizer, schedule_name, lr, weight_decay, total_steps, mesh):
+def compiled_steps(graphdefs, optimizer, schedule_name, lr, weight_decay, total_steps, mesh,
+                   average_model_state=False):
     """Jitted state init, train and eval steps, shared by runs in one process.
 
     Keyed on everything the compiled programs depend on (graphdefs are
@@ -353,7 +409,9 @@ def compiled_steps(graphdefs, optimizer, schedule_name, lr, weight_decay, total_
     schedule = steps.make_schedule(schedule_name, lr, total_steps)
     tx = steps.make_optimizer(optimizer, schedule, weight_decay)
     train_step, eval_step = steps.jit_steps(
-        steps.make_train_step(graphdefs.train, tx, schedule),
+        steps.make_train_step(graphdefs.train, tx, schedule,
+                              axis_name=None if mesh is None else steps.DATA_AXIS,
+                              average_model_state=average_model_state),
         steps.make_eval_step(graphdefs.eval), mesh)
     # One compiled program instead of an eager op (and a compilation) per
     # distinct parameter shape in the optimizer's init.
@@ -368,38 +426,46 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
     graphdefs, params, model_state = steps.split_model(model)
     param_count = int(sum(np.size(p) for p in jax.tree.leaves(params)))
     init, train_step, eval_step = compiled_steps(
-        graphdefs, cfg.optimizer, cfg.schedule, cfg.lr, cfg.weight_decay, total_steps, mesh)
+        graphdefs, cfg.optimizer, cfg.schedule, cfg.lr, cfg.weight_decay, total_steps, mesh,
+        average_model_state=opts.axis_index_groups is not None)
+    primary = cfg.process_id == 0
     state = init(params, model_state, np.uint32(cfg.seed))
 
     ckpt_root = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
     book = Bookkeeping()
     resumed_from = None
-    progress = Progress(stdout, cfg.epochs, spe, cfg.batch_size)
+    progress = Progress(stdout if primary else io.StringIO(), cfg.epochs, spe, cfg.batch_size)
     if cfg.resume:
-        for p in checkpoint.remove_partial(ckpt_root):
+        for p in checkpoint.remove_partial(ckpt_root) if primary else ():
             progress.message(f"removed an incomplete checkpoint write: {p.name}")
         restored = checkpoint.restore_latest(ckpt_root, state, warn=progress.message)
         if restored is not None:
             state, meta = restored
             book = Bookkeeping(**meta["bookkeeping"])
             resumed_from = meta["position"]
-            _truncate(metrics_path, meta["metrics_bytes"], progress)
+            if primary:
+                _truncate(metrics_path, meta["metrics_bytes"], progress)
             progress.message(
                 f"resuming from {ckpt_root.name}/ckpt-{resumed_from:09d} "
                 f"(epoch {book.epoch + 1}, step {resumed_from})")
         else:
             if ckpt_root.exists() or metrics_path.exists():
                 progress.message(f"no complete checkpoint in {ckpt_root}; starting from the beginning")
-            _truncate(metrics_path, 0, progress)
+            if primary:
+                _truncate(metrics_path, 0, progress)
     state = steps.place_state(state, mesh)
 
     flag = StopFlag()
     segment_start = time.perf_counter()
     first_step = True
-    metrics_file = open(metrics_path, "a")
+    metrics_file = open(metrics_path if primary else os.devnull, "a")
 
     def save_checkpoint() -> Path:
+        position = book.epoch * spe + book.batch
+        host_state = steps.to_host(state)  # every process takes part in the transfer
+        if not primary:
+            return ckpt_root / f"ckpt-{position:09d}"
         metrics_file.flush()
         os.fsync(metrics_file.fileno())
         bk = dataclasses.replace(book, train_seconds=book.train_seconds
@@ -407,8 +473,8 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
         meta = {"bookkeeping": dataclasses.asdict(bk), "config": cfg.to_dict(),
                 "metrics_bytes": metrics_file.tell(), "created": time.time()}
         try:
-            return checkpoint.save(ckpt_root, state, meta,
-                                   position=book.epoch * spe + book.batch, keep=KEEP_CHECKPOINTS)
+            return checkpoint.save(ckpt_root, host_state, meta, position=position,
+                                   keep=KEEP_CHECKPOINTS)
         except OSError as e:
             raise RunError(f"cannot write a checkpoint into {ckpt_root}: "
                            f"{e.strerror or e}") from None
@@ -425,7 +491,7 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                 for xb, yb in batches:
                     t0 = time.perf_counter()
                     state, m = train_step(state, steps.place_batch((xb, yb), mesh))
-                    m = jax.device_get(m)
+                    m = steps.to_host(m)
                     dt = time.perf_counter() - t0
                     rec = book.add_step(m, len(xb), dt, compiling=first_step)
                     first_step = False
@@ -480,7 +546,13 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
         "config": cfg.to_dict(),
         "versions": versions(),
         "device": device_description(cfg.devices),
+        "state_sha256": state_digest(steps.to_host(state)),
     }
+    if not primary:
+        print(f"process {cfg.process_id}/{cfg.num_processes} done: test accuracy "
+              f"{100 * summary['test_accuracy']:.2f}%, state sha256 {summary['state_sha256']}",
+              file=stdout, flush=True)
+        return 0, summary
     write_json_atomic(out / "summary.json", summary)
     try:
         plots.plot_run(plots.read_metrics(metrics_path), out,

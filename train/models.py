@@ -28,6 +28,13 @@ class NormOptions:
     momentum: float = 0.9
     epsilon: float = 1e-5
     virtual_batch_size: int = 16
+    # Batch statistics across the devices of this mapped axis (data
+    # parallel), optionally within groups of device indices only.
+    axis_name: str | None = None
+    axis_index_groups: tuple[tuple[int, ...], ...] | None = None
+
+    def sync(self) -> dict:
+        return {"axis_name": self.axis_name, "axis_index_groups": self.axis_index_groups}
 
 
 class Identity(nnx.Module):
@@ -41,7 +48,7 @@ def _group_count(features: int, preferred: int = 8) -> int:
 
 
 def _batch(f, spatial, opts, rngs):
-    return BatchNorm(f, momentum=opts.momentum, epsilon=opts.epsilon, rngs=rngs)
+    return BatchNorm(f, momentum=opts.momentum, epsilon=opts.epsilon, **opts.sync(), rngs=rngs)
 
 
 def _none(f, spatial, opts, rngs):
@@ -61,11 +68,12 @@ def _group(f, spatial, opts, rngs):
 
 def _ghost(f, spatial, opts, rngs):
     return BatchNorm(f, momentum=opts.momentum, epsilon=opts.epsilon,
-                     virtual_batch_size=opts.virtual_batch_size, rngs=rngs)
+                     virtual_batch_size=opts.virtual_batch_size, **opts.sync(), rngs=rngs)
 
 
 def _renorm(f, spatial, opts, rngs):
-    return BatchRenorm(f, momentum=opts.momentum, epsilon=opts.epsilon, rngs=rngs)
+    return BatchRenorm(f, momentum=opts.momentum, epsilon=opts.epsilon, **opts.sync(),
+                       rngs=rngs)
 
 
 @dataclasses.dataclass(frozen=True)

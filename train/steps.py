@@ -12,9 +12,14 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+# The mesh axis the batch is split over, and the axis name batch norms sync on.
+DATA_AXIS = "data"
 
 
 class TrainState(NamedTuple):
@@ -110,8 +115,17 @@ def cross_entropy(logits, labels):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule) -> Callable:
-    """Build the pure ``train_step(state, (x, y)) -> (state, metrics)``."""
+                    schedule: optax.Schedule, *, axis_name: str | None = None,
+                    average_model_state: bool = False) -> Callable:
+    """Build the pure ``train_step(state, (x, y)) -> (state, metrics)``.
+
+    With ``axis_name`` the step runs per device on its slice of the batch
+    (under ``shard_map``): losses and gradients are averaged over the axis,
+    so every device applies the same update. ``average_model_state``
+    averages the running statistics too, for batch norms that sync over
+    groups of devices only and so end with one estimate per group.
+    """
+    mean = (lambda t: t) if axis_name is None else (lambda t: lax.pmean(t, axis_name))
 
     def loss_fn(params, model_state, x, y):
         model = nnx.merge(graphdef, params, model_state, copy=True)
@@ -123,6 +137,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation,
         x, y = batch
         (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.model_state, x, y)
+        loss, grads = mean((loss, grads))
+        if average_model_state:
+            new_model_state = mean(new_model_state)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
@@ -142,7 +159,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation,
         )
         metrics = {
             "loss": loss,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == y),
+            "accuracy": mean(jnp.mean(jnp.argmax(logits, -1) == y)),
             "grad_norm": grad_norm,
             "lr": schedule(state.step),
             "finite": ok,
@@ -171,40 +188,70 @@ def make_eval_step(graphdef) -> Callable:
 
 
 def make_mesh(devices: int) -> Mesh | None:
-    """A 1-D 'data' mesh over the first ``devices`` devices (None for one)."""
-    available = jax.devices()
-    if devices > len(available):
-        raise ValueError(
-            f"--devices {devices} but only {len(available)} {available[0].platform} "
-            f"device(s) are visible; lower --devices")
-    if devices == 1:
+    """A 1-D data mesh over ``devices`` devices in all (None for one device).
+
+    Every process contributes ``devices / process_count`` of its local
+    devices, so the mesh spans all processes of a multi-process run.
+    """
+    processes = jax.process_count()
+    if devices == 1 and processes == 1:
         return None
-    return Mesh(available[:devices], ("data",))
+    per_process = devices // processes
+    by_process: dict[int, list] = {}
+    for d in sorted(jax.devices(), key=lambda d: d.id):
+        by_process.setdefault(d.process_index, []).append(d)
+    if devices % processes or any(len(ds) < per_process for ds in by_process.values()):
+        visible = jax.devices()
+        raise ValueError(
+            f"--devices {devices} but only {len(visible)} {visible[0].platform} device(s) "
+            f"are visible; lower --devices")
+    return Mesh([d for p in sorted(by_process) for d in by_process[p][:per_process]],
+                (DATA_AXIS,))
 
 
 def jit_steps(train_step, eval_step, mesh: Mesh | None):
-    """Jit both steps; with a mesh, batches are split over 'data' and state replicated.
+    """Jit both steps; with a mesh, batches are split over it and state replicated.
 
-    Under jit with a sharded batch, batch-norm statistics are the global
-    batch statistics: XLA inserts the cross-device reductions.
+    ``train_step`` must have been built with ``axis_name=DATA_AXIS``: it runs
+    per device under ``shard_map``, where each batch norm pools its
+    statistics with one collective. Evaluation uses running statistics
+    only, so plain ``jit`` over the sharded batch suffices.
     """
     if mesh is None:
         return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
     rep = NamedSharding(mesh, P())
-    data = NamedSharding(mesh, P("data"))
-    train = jax.jit(train_step, in_shardings=(rep, data), out_shardings=(rep, rep),
+    data = NamedSharding(mesh, P(DATA_AXIS))
+    # check_vma=False: the pooled statistics and averaged gradients are equal
+    # on every device, which the replication checker cannot see through
+    # all_gather.
+    per_device = jax.shard_map(train_step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+                               out_specs=(P(), P()), check_vma=False)
+    train = jax.jit(per_device, in_shardings=(rep, data), out_shardings=(rep, rep),
                     donate_argnums=0)
     evaluate = jax.jit(eval_step, in_shardings=(rep, data), out_shardings=rep)
     return train, evaluate
 
 
 def place_state(state: TrainState, mesh: Mesh | None) -> TrainState:
+    """The state replicated on every device of ``mesh`` (of every process)."""
     if mesh is None:
         return jax.device_put(state)
-    return jax.device_put(state, NamedSharding(mesh, P()))
+    rep = NamedSharding(mesh, P())
+    return jax.tree.map(lambda a: _global_array(np.asarray(a), rep), jax.device_get(state))
 
 
 def place_batch(batch, mesh: Mesh | None):
+    """Split a global batch over ``mesh``; each process places its own rows only."""
     if mesh is None:
         return batch
-    return jax.device_put(batch, NamedSharding(mesh, P("data")))
+    rows = NamedSharding(mesh, P(DATA_AXIS))
+    return jax.tree.map(lambda a: _global_array(a, rows), batch)
+
+
+def _global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(tree):
+    """Numpy copies of replicated arrays, also where other processes hold devices."""
+    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)

@@ -172,8 +172,8 @@ def test_default_run_reaches_97_percent(tmp_path):
 
 @pytest.mark.slow
 def test_two_devices_match_one_device(tmp_path):
-    # Data parallel over 2 host devices: under jit with a sharded batch, batch
-    # norm sees the global batch, so the run matches the single-device one up
+    # Data parallel over 2 host devices through the CLI: batch norm pools the
+    # statistics of both halves, so the run matches the single-device one up
     # to float summation order.
     import io
     from train import loop

@@ -1,0 +1,191 @@
+"""Data-parallel training: sharded steps, BN groups, resume, many processes.
+
+The in-process tests use the 8 simulated CPU devices set up by the root
+conftest. Parameters are compared with ``atol=2e-5``: sharding changes only
+the order of float32 sums (per-device partial sums, then a collective), which
+moves each step's parameters by a few ulps; over the handful of steps run
+here, the largest difference measured was 4e-7.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, cli_env, run_cli
+from test_cli import assert_one_line_error
+from train import checkpoint, loop, models, steps
+from train.config import Config, ConfigError, parse_args, resolve
+
+ATOL = 2e-5
+SMALL = dict(model="cnn", limit_train=256, batch_size=64, epochs=1)
+
+
+def _run(tmp_path, name, **kwargs):
+    cfg = resolve(Config(out=str(tmp_path / name), **{**SMALL, **kwargs}))
+    code, summary = loop.run(cfg, stdout=io.StringIO())
+    return code, summary
+
+
+def _final_state(out: Path) -> list[np.ndarray]:
+    _, path = checkpoint.list_checkpoints(out / "checkpoints")[-1]
+    with np.load(path / checkpoint.STATE_FILE) as npz:
+        return [npz[f"a{i}"] for i in range(len(npz.files))]
+
+
+def _assert_states_close(a: Path, b: Path):
+    for x, y in zip(_final_state(a), _final_state(b), strict=True):
+        np.testing.assert_allclose(x, y, atol=ATOL, rtol=0)
+
+
+def test_eight_devices_match_one_device(tmp_path):
+    _, one = _run(tmp_path, "one")
+    _, eight = _run(tmp_path, "eight", devices=8)
+    assert eight["device"].startswith("8 x cpu")
+    _assert_states_close(tmp_path / "one", tmp_path / "eight")
+    np.testing.assert_allclose(eight["test_loss"], one["test_loss"], rtol=1e-5)
+    # a borderline logit may flip one of the 360 test images
+    assert abs(eight["test_accuracy"] - one["test_accuracy"]) <= 1 / 360
+
+
+def test_bn_groups_match_ghost_batches(tmp_path):
+    # 4 devices in BN groups of 2: each group normalizes its 32 consecutive
+    # examples with their own statistics, and the running statistics average
+    # the groups'. Ghost batch norm over chunks of 32 on one device computes
+    # exactly that, so it is the reference.
+    _run(tmp_path, "ghost", norm="ghost", virtual_batch_size=32)
+    _run(tmp_path, "groups", devices=4, bn_group_size=2)
+    _assert_states_close(tmp_path / "ghost", tmp_path / "groups")
+    # and the groups really are local: synced BN ends elsewhere
+    _run(tmp_path, "synced", devices=4)
+    diffs = [np.max(np.abs(a - b)) for a, b in zip(_final_state(tmp_path / "synced"),
+                                                   _final_state(tmp_path / "groups"))]
+    assert max(diffs) > 1e-3
+
+
+def test_norm_options_groups():
+    cfg = resolve(Config(devices=8, bn_group_size=4, batch_size=64))
+    opts = loop.norm_options(cfg)
+    assert opts.axis_name == steps.DATA_AXIS
+    assert opts.axis_index_groups == ((0, 1, 2, 3), (4, 5, 6, 7))
+    assert loop.norm_options(resolve(Config(devices=8, batch_size=64))).axis_index_groups is None
+    assert loop.norm_options(resolve(Config())).axis_name is None
+
+
+def _sharded_train_step_hlo(norm: str) -> tuple[str, str]:
+    cfg = resolve(Config(devices=8, batch_size=64, norm=norm, virtual_batch_size=4))
+    model = models.build_model("cnn", (8, 8, 1), norm=norm, seed=0, opts=loop.norm_options(cfg))
+    graphdefs, params, model_state = steps.split_model(model)
+    mesh = steps.make_mesh(8)
+    init, train_step, _ = loop.compiled_steps(graphdefs, "adam", "cosine", 1e-3, 0.0, 10, mesh)
+    state = steps.place_state(init(params, model_state, np.uint32(0)), mesh)
+    batch = steps.place_batch((np.zeros((64, 8, 8, 1), np.float32), np.zeros(64, np.int32)), mesh)
+    lowered = train_step.lower(state, batch)
+    return lowered.as_text(), lowered.compile().as_text()
+
+
+def _count(pattern: str, text: str) -> int:
+    return len(re.findall(pattern, text))
+
+
+def test_sharded_step_communicates_once_per_batch_norm():
+    # The CNN has 3 batch norms. Each pools (count, mean, M2) with one
+    # all-gather forward (its transpose, one reduce-scatter, backward); all
+    # gradients and metrics share one all-reduce after XLA's combiner.
+    lowered, compiled = _sharded_train_step_hlo("batch")
+    assert _count(r"stablehlo\.all_gather", lowered) == 3
+    assert _count(r"stablehlo\.reduce_scatter", lowered) == 3
+    assert _count(r" all-gather(-start)?\(", compiled) == 3
+    assert _count(r" reduce-scatter(-start)?\(", compiled) == 3
+    assert _count(r" all-reduce(-start)?\(", compiled) == 1
+    # Layer norm has no batch statistics: only the gradient all-reduce is left.
+    lowered, compiled = _sharded_train_step_hlo("layer")
+    assert _count(r"stablehlo\.all_gather", lowered) == 0
+    assert _count(r" all-reduce(-start)?\(", compiled) == 1
+
+
+def test_sharded_resume_is_exact(tmp_path):
+    _, full = _run(tmp_path, "full", devices=8)
+    cfg = resolve(Config(out=str(tmp_path / "cut"), devices=8, **SMALL))
+    code, _ = loop.run(cfg, stdout=io.StringIO(), interrupt_at_step=2)
+    assert code == loop.EXIT_INTERRUPTED
+    resumed_cfg = loop.resume_config({"out": str(tmp_path / "cut"), "resume": True})
+    assert resumed_cfg.devices == 8
+    code, resumed = loop.run(resumed_cfg, stdout=io.StringIO())
+    assert code == 0 and resumed["resumed_from_step"] == 2
+    assert resumed["state_sha256"] == full["state_sha256"]
+    assert resumed["test_loss"] == full["test_loss"]
+
+
+def test_resume_on_another_device_count_is_refused(tmp_path):
+    cfg = resolve(Config(out=str(tmp_path / "run"), devices=8, **SMALL))
+    loop.run(cfg, stdout=io.StringIO(), interrupt_at_step=1)
+    with pytest.raises(ConfigError, match="--devices 2 differs from the run"):
+        loop.resume_config({"out": str(tmp_path / "run"), "resume": True, "devices": 2})
+    # Without --devices the checkpointed 8 are needed; a process seeing one says so.
+    proc = run_cli("--out", tmp_path / "run", "--resume")
+    assert_one_line_error(proc, "checkpointed on --devices 8", "only 1 device(s) are visible")
+    assert proc.returncode == 2
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--num-processes", "2"], "needs --coordinator HOST:PORT"),
+    (["--num-processes", "2", "--coordinator", "localhost"], "is not HOST:PORT"),
+    (["--num-processes", "2", "--coordinator", "h:1", "--process-id", "2"], "not in 0..1"),
+    (["--coordinator", "h:1"], "only apply with --num-processes 2"),
+    (["--num-processes", "2", "--coordinator", "h:1", "--devices", "3", "--batch-size", "6"],
+     "not a multiple of --num-processes"),
+    (["--devices", "4", "--bn-group-size", "3", "--batch-size", "8"], "does not divide --devices"),
+    (["--devices", "4", "--bn-group-size", "2", "--norm", "layer", "--batch-size", "8"],
+     "only applies to batch statistics"),
+])
+def test_parallel_options_are_checked(argv, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        parse_args(argv)
+
+
+def test_processes_default_to_one_device_each():
+    cfg = parse_args(["--num-processes", "4", "--coordinator", "h:1", "--batch-size", "8"])
+    assert cfg.devices == 4 and cfg.bn_group_size == 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+    # Two real processes on 127.0.0.1, one CPU device each, joined by
+    # jax.distributed (gloo): each places its half of every batch, batch
+    # norm pools statistics across processes.
+    args = ["--model", "cnn", "--limit-train", "256", "--batch-size", "64", "--epochs", "1",
+            "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
+            "--out", tmp_path / "multi"]
+    procs = [subprocess.Popen([sys.executable, "-m", "train", *map(str, args),
+                               "--process-id", str(i)],
+                              cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err
+    summary = json.loads((tmp_path / "multi" / "summary.json").read_text())
+    assert summary["device"] == "2 x cpu (cpu) in 2 processes"
+    # Process 1 wrote nothing, and ended with process 0's parameters bit for bit.
+    assert f"state sha256 {summary['state_sha256']}" in outputs[1][0]
+    _, single = _run(tmp_path, "single")
+    _assert_states_close(tmp_path / "single", tmp_path / "multi")
+    np.testing.assert_allclose(summary["test_loss"], single["test_loss"], rtol=1e-5)
