@@ -7,6 +7,7 @@ Sections (``--only``, comma-separated):
   cnn    train's CNN step (Flax conv/pool, train.conv) vs the same net in PyTorch
   alloc  the same worker processes under other glibc malloc settings (CPU)
   threads  the same worker processes pinned to one core (CPU)
+  scaling  BN sync and train's CNN step against the number of (simulated) devices
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-SECTIONS = ("bn", "conv", "torch", "cnn", "alloc", "threads")
+SECTIONS = ("bn", "conv", "torch", "cnn", "alloc", "threads", "scaling")
 HERE = Path(__file__).resolve().parent
 
 
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     import jax  # after parsing, so that --help and bad options answer at once
 
-    from benchmarks import bn, cnn, procs, report
+    from benchmarks import bn, cnn, procs, report, scaling
 
     backend = jax.default_backend()
     if args.gpu and backend != "gpu":
@@ -78,6 +79,10 @@ def main(argv=None) -> int:
         results["cnn_runs"] = runs
         for title, body in worker_tables(args.only, runs):
             emit(title, body)
+    if "scaling" in args.only:
+        results["scaling"] = scaling.run(quick, repeats)
+        emit("Data-parallel scaling: median times over simulated devices (one process)",
+             scaling.table(results["scaling"]))
     if args.write_results:
         path = report.write(Path(args.write_results), meta, sections, results)
         print(f"\nwrote {path}")
