@@ -89,6 +89,10 @@ def main(argv=None) -> int:
     return 0
 
 
+# The JAX process set up as ``python -m train`` runs (train/allocator.py).
+TRAIN_JOB = "JAX, python -m train's malloc"
+
+
 def worker_jobs(only, quick: bool, repeats: int, backend: str) -> dict:
     """The worker processes the selected sections need, by row name."""
     from benchmarks.procs import ALLOCATOR_ENVS, Job
@@ -105,6 +109,8 @@ def worker_jobs(only, quick: bool, repeats: int, backend: str) -> dict:
     jax_job = lambda spec=spec, **kw: Job("benchmarks.jax_worker", spec, **kw)
     torch_job = lambda spec=torch_spec, **kw: Job("benchmarks.torch_worker", spec, **kw)
     jobs = {"JAX": jax_job(), "PyTorch": torch_job()}
+    if "cnn" in tasks and cpu:
+        jobs[TRAIN_JOB] = jax_job(dict(spec, tasks=["cnn"], train_malloc=True))
     if quick:
         # A smoke test of each kind of setting, on the cheapest process.
         small = dict(torch_spec, tasks=["bn"])
@@ -134,7 +140,7 @@ def worker_tables(only, runs: dict) -> list[tuple[str, str]]:
                     report.torch_bn_table(jax_run, torch_run)))
     if "cnn" in only:
         out.append(("CNN train step (train/ default cnn): JAX variants vs PyTorch",
-                    report.cnn_table(jax_run, torch_run)))
+                    report.cnn_table(jax_run, torch_run, runs.get(TRAIN_JOB))))
     if any(", " in name for name in runs):  # processes under other settings
         out.append(("Worker process settings: glibc malloc, one core",
                     report.settings_table(runs)))

@@ -13,6 +13,7 @@ import sys
 import jax
 
 from benchmarks import bn, cnn, procs, timing
+from train.allocator import tune_malloc
 
 # The shape PyTorch's BatchNorm2d is compared on (NHWC here, NCHW there).
 BN_NAMES = ("jaxbn", bn.REFERENCE)
@@ -28,6 +29,8 @@ def bn_task(quick: bool, repeats: int) -> dict:
 
 def main(spec: dict) -> dict:
     procs.pin_cores(spec.get("cores"))
+    if spec.get("train_malloc"):
+        tune_malloc()  # as python -m train does
     tasks = {"bn": bn_task, "cnn": cnn.run_steps}
     out = {"backend": jax.default_backend()}
     for task in spec["tasks"]:

@@ -65,8 +65,11 @@ def torch_bn_table(jax_run: dict, torch_run: dict) -> str:
                         [[n, timing.ms(t), timing.ratio(t, reference)] for n, t in rows])
 
 
-def cnn_table(jax_run: dict, torch_run: dict | None) -> str:
+def cnn_table(jax_run: dict, torch_run: dict | None, train_run: dict | None = None) -> str:
     rows = [(f"JAX {name}", r) for name, r in jax_run["cnn"].items()]
+    if train_run:
+        rows += [(f"JAX {name}, python -m train's malloc", r)
+                 for name, r in train_run["cnn"].items()]
     if torch_run:
         rows += [(f"PyTorch {name}", r) for name, r in torch_run["cnn"].items()]
     flax_speed = jax_run["cnn"][cnn.REFERENCE]["images_per_second"]

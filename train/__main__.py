@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from train.allocator import tune_malloc
 from train.config import Config, ConfigError, check_out_dir, explicit_args, resolve
 
 PROG = "python -m train"
@@ -15,6 +16,7 @@ def _fail(message: str, code: int) -> int:
 
 
 def main(argv=None) -> int:
+    tune_malloc()  # before JAX allocates: see train/allocator.py
     try:
         explicit = explicit_args(argv)
         cfg = resolve(Config(**explicit))  # cheap checks before importing jax
