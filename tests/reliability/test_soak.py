@@ -1,0 +1,46 @@
+"""The soak benchmark: its compile counter works, and steady training never recompiles."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from reliability_helpers import REPO, cli_env
+
+from benchmarks.soak import CompileCounter, slope_per_1000
+
+
+def test_compile_counter_counts_each_new_compilation():
+    f = jax.jit(lambda x: x * 3.0 + 1.0)
+    with CompileCounter() as counter:
+        f(np.ones(7, np.float32))
+        f(np.ones(7, np.float32))  # cached
+        f(np.ones(8, np.float32))  # a new shape compiles again
+    assert (counter.compiles, counter.traces) == (2, 2)
+    f(np.ones(9, np.float32))  # after unregistering: not counted
+    assert counter.compiles == 2
+
+
+def test_slope_is_per_1000_steps():
+    # 0.5 MiB per 100 steps; float64 least squares is exact to rounding.
+    assert slope_per_1000([(100, 10.0), (200, 10.5), (300, 11.0)]) == pytest.approx(5.0, rel=1e-12)
+
+
+def test_fifty_steps_after_warm_up_compile_nothing(tmp_path):
+    # Batch 64: 22 steps per epoch, so the 28 steps after the one-epoch
+    # warm-up include another evaluation and checkpoint.
+    out = tmp_path / "soak.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.soak", "--steps", "50", "--batch-size", "64",
+         "--every", "5", "--json", str(out)],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out.read_text())
+    assert (r["steps"], r["warmup_steps"], r["steps_per_epoch"]) == (50, 22, 22)
+    assert r["compiles_in_warmup"] >= 3  # init, train and eval steps at least
+    assert r["compiles_after_warmup"] == 0 and r["traces_after_warmup"] == 0
+    assert "after warm-up: 0 compilations, 0 traces" in proc.stdout
+    assert r["rss_end_mib"] > 0 and len(r["samples"]) == 7  # at 22, 27, ..., 47, and 50
