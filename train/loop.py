@@ -321,12 +321,16 @@ class Bookkeeping:
 
 
 def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | None = None,
-        load_data: Callable[..., data.Dataset] = data.load) -> tuple[int, dict | None]:
+        load_data: Callable[..., data.Dataset] = data.load,
+        started: float | None = None) -> tuple[int, dict | None]:
     """Train as ``cfg`` says. Returns (exit code, summary or None).
 
     ``interrupt_at_step`` acts as if SIGINT arrived after that global step
-    (used to test resuming); ``load_data`` replaces the data loader.
+    (used to test resuming); ``load_data`` replaces the data loader;
+    ``started`` is the ``time.perf_counter()`` the cold start is measured
+    from (default: now).
     """
+    started = time.perf_counter() if started is None else started
     stdout = stdout or sys.stdout
     out = Path(cfg.out)
     join_processes(cfg)
@@ -360,11 +364,11 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
     if not primary:
         # Process 0 alone writes --out; the others only read checkpoints.
         return _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout,
-                      interrupt_at_step)
+                      interrupt_at_step, started)
     lock_fd = open_out_dir(out, cfg.resume)
     try:
         return _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout,
-                      interrupt_at_step)
+                      interrupt_at_step, started)
     finally:
         os.close(lock_fd)
 
@@ -419,7 +423,8 @@ def compiled_steps(graphdefs, optimizer, schedule_name, lr, weight_decay, total_
     return init, train_step, eval_step
 
 
-def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, interrupt_at_step):
+def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, interrupt_at_step,
+           started):
     model = models.build_model(cfg.model, dataset.input_shape, norm=cfg.norm, seed=cfg.seed,
                                opts=opts, mlp_depth=cfg.mlp_depth, mlp_width=cfg.mlp_width,
                                activation=cfg.activation)
@@ -459,6 +464,7 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
     flag = StopFlag()
     segment_start = time.perf_counter()
     first_step = True
+    cold_start = first_step_seconds = None  # of this segment (a resume is a new process)
     metrics_file = open(metrics_path if primary else os.devnull, "a")
 
     def save_checkpoint() -> Path:
@@ -494,6 +500,8 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                     m = steps.to_host(m)
                     dt = time.perf_counter() - t0
                     rec = book.add_step(m, len(xb), dt, compiling=first_step)
+                    if first_step:
+                        cold_start, first_step_seconds = time.perf_counter() - started, dt
                     first_step = False
                     gstep = rec["step"] = epoch * spe + book.batch
                     write(rec)
@@ -540,6 +548,11 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
         "bad_steps": book.bad_total,
         "train_seconds": train_seconds,
         "images_per_second": ips,
+        # From process start (or run()) to the first finished step: imports,
+        # data, model init and compilation; the first step alone is mostly
+        # compilation.
+        "cold_start_seconds": cold_start,
+        "first_step_seconds": first_step_seconds,
         "param_count": param_count,
         "norm_impl": models.norm_implementation(cfg.norm),
         "resumed_from_step": resumed_from,

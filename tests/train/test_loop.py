@@ -57,6 +57,7 @@ def test_every_model_and_norm_trains_one_epoch(tmp_path, model, norm):
     for key in ("test_accuracy", "test_loss", "epochs", "train_seconds", "images_per_second",
                 "config", "versions", "device"):
         assert key in summary
+    assert 0 < summary["first_step_seconds"] < summary["cold_start_seconds"]
     assert json.loads((out / "summary.json").read_text())["test_loss"] == summary["test_loss"]
     assert summary["test_examples"] == 360 and np.isfinite(summary["test_loss"])
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
