@@ -70,13 +70,16 @@ def empty_state(ckpt):
     (ckpt / checkpoint.STATE_FILE).write_bytes(b"")
 
 
-@pytest.mark.parametrize("damage, reason", [
+DAMAGE = [
     (flip_in_state, "state.npz does not match its checksum"),
     (flip_batch_index, "meta.json does not match its checksum"),
     (flip_metrics_length, "meta.json does not match its checksum"),
     (garbage_meta, "meta.json is unreadable"),
     (empty_state, "state.npz does not match its checksum"),
-], ids=lambda v: getattr(v, "__name__", None))
+]
+
+
+@pytest.mark.parametrize("damage, reason", DAMAGE, ids=[f.__name__ for f, _ in DAMAGE])
 def test_damaged_newest_checkpoint_is_skipped_and_the_older_one_used(
         tmp_path, reference, damage, reason):
     out = tmp_path / "run"

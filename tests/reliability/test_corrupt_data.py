@@ -58,11 +58,15 @@ def refused(capsys, *argv) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("corrupt, fragment", [
+CORRUPTIONS = [
     (truncate, "is truncated (the gzip stream ends early); re-download it or pass --download"),
     (wrong_magic, "has magic number 2051 but labels need 2049 (this is an images file)"),
     (wrong_checksum, "fails its checksum (MD5 "),
-], ids=lambda v: getattr(v, "__name__", None))
+]
+
+
+@pytest.mark.parametrize("corrupt, fragment", CORRUPTIONS,
+                         ids=[f.__name__ for f, _ in CORRUPTIONS])
 def test_corrupt_file_is_refused_by_name_and_nothing_is_written(
         tmp_path, capsys, mnist_copy, corrupt, fragment):
     corrupt(mnist_copy)
