@@ -36,6 +36,9 @@ from train.config import (Config, ConfigError, LAUNCH_FIELDS, TRAINING_FIELDS, c
 
 EXIT_INTERRUPTED = 130
 EVAL_BATCH = 1000
+# Fields of metrics.jsonl records that measure time: the only ones that
+# differ between a resumed run and an uninterrupted one.
+TIMING_FIELDS = frozenset({"step_time", "epoch_seconds", "images_per_second", "elapsed_seconds"})
 JOIN_TIMEOUT_S = 120
 KEEP_CHECKPOINTS = 3
 
@@ -523,6 +526,8 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                                                eval_bs, mesh)
                 rec = book.epoch_record((epoch + 1) * spe, test_loss, test_acc,
                                         time.perf_counter() - t_eval)
+                # since this process started: accuracy against wall time
+                rec["elapsed_seconds"] = time.perf_counter() - started
                 write(rec)
                 progress.epoch(rec)
                 book.last_epoch = {k: rec[k] for k in ("test_loss", "test_accuracy",

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from train import loop
+
 REPO = Path(__file__).resolve().parents[2]
 
 # 20 epochs of 10 steps: an epoch lasts tens of milliseconds after the
@@ -27,7 +29,7 @@ EPOCHS, STEPS_PER_EPOCH = 20, 10
 TINY = dict(model="mlp", limit_train=320, batch_size=32, epochs=EPOCHS)
 TINY_ARGS = ["--model", "mlp", "--limit-train", "320", "--batch-size", "32",
              "--epochs", str(EPOCHS)]
-TIMING_KEYS = {"step_time", "epoch_seconds", "images_per_second"}
+TIMING_KEYS = loop.TIMING_FIELDS
 
 
 def cli_env(**extra) -> dict[str, str]:

@@ -11,7 +11,7 @@ import pytest
 from train import checkpoint, data, loop
 from train.config import Config, ConfigError, resolve
 
-TIMING_KEYS = {"step_time", "epoch_seconds", "images_per_second"}
+TIMING_KEYS = loop.TIMING_FIELDS
 
 
 def tiny(out, **kw) -> Config:
