@@ -8,7 +8,8 @@ warm-up (default: the first epoch, which compiles everything), it samples
 the process's resident memory (VmRSS) every K steps and counts XLA
 compilations and jaxpr traces through ``jax.monitoring`` events. A leak shows
 as a positive RSS slope; a retrace (a Python scalar or a changing shape or
-dtype in a step's arguments) as compilations after warm-up.
+dtype in a step's arguments) as compilations after warm-up. malloc is tuned
+as ``python -m train`` tunes it (``--glibc-malloc`` keeps glibc's defaults).
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def report(r: dict) -> str:
     return "\n".join([
         f"soak: {r['steps']} steps of the digits {r['model']} (batch {r['batch_size']}, "
         f"{r['steps_per_epoch']} steps/epoch) in {r['seconds']:.1f} s",
-        f"machine: {r['machine']}",
+        f"machine: {r['machine']}; malloc: {r['malloc']}",
         f"warm-up: {r['warmup_steps']} steps, {r['compiles_in_warmup']} compilations, "
         f"{r['traces_in_warmup']} traces",
         f"RSS at warm-up {r['rss_warmup_mib']:.1f} MiB, at the end {r['rss_end_mib']:.1f} MiB, "
@@ -163,6 +164,16 @@ def report(r: dict) -> str:
     ])
 
 
+def apply_malloc_settings(glibc_defaults: bool) -> str:
+    """Tune malloc as python -m train does (before JAX allocates); describe the result."""
+    if any(k.startswith("MALLOC_") for k in os.environ):
+        return "MALLOC_* from the environment"
+    if glibc_defaults:
+        return "glibc defaults"
+    from train.allocator import tune_malloc
+    return "python -m train's (train/allocator.py)" if tune_malloc() else "not glibc: untouched"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -171,15 +182,19 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=100, help="RSS sample interval in steps")
     p.add_argument("--model", default="cnn", choices=("cnn", "mlp", "resnet"))
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--glibc-malloc", action="store_true",
+                   help="keep glibc's malloc defaults instead of python -m train's settings")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args(argv)
     if args.steps < 1 or args.every < 1 or args.batch_size < 1:
         p.error("--steps, --every and --batch-size must be at least 1")
+    malloc = apply_malloc_settings(args.glibc_malloc)
     try:
         r = soak(args.steps, warmup=args.warmup, every=args.every, model_name=args.model,
                  batch_size=args.batch_size)
     except ValueError as e:
         p.error(str(e))
+    r["malloc"] = malloc
     print(report(r))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1) + "\n")
