@@ -1,7 +1,10 @@
-"""Helpers for the reliability tests: real ``python -m train`` processes.
+"""Helpers and fixtures for the reliability tests: real ``python -m train`` processes.
 
-A module with its own name rather than conftest: tests/train has a
-conftest.py too, and ``from conftest import`` picks whichever loaded last.
+No conftest.py here: tests/train/test_cli.py does ``from conftest import``,
+which gets whichever conftest module pytest loaded last, so a second one
+would break it for some orders of command-line paths. Test modules import
+the fixtures they use from this module instead.
+
 Every run here is the same tiny digits configuration, so one uninterrupted
 in-process run (``reference``) is the independent answer that killed,
 corrupted and resumed runs must reproduce bit for bit.
@@ -9,6 +12,8 @@ corrupted and resumed runs must reproduce bit for bit.
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import os
 import subprocess
@@ -17,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from train import loop
 
@@ -109,3 +115,31 @@ def assert_same_run(out: Path, ref: Path) -> None:
     for x, y in zip(a, b):
         assert x.dtype == y.dtype
         np.testing.assert_array_equal(x, y)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_run(base: Path) -> Path:
+    from train.config import Config, resolve
+    out = base / "reference" / "run"
+    code, _ = loop.run(resolve(Config(out=str(out), **TINY)), stdout=io.StringIO())
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> Path:
+    """The tiny run, uninterrupted, in this process; run once however many modules ask."""
+    return _reference_run(tmp_path_factory.getbasetemp())
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("JAXBN_DATA") or REPO.parent / "shared" / "data")
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    path = shared_data_dir()
+    if not (path / "mnist").is_dir():
+        pytest.skip(f"real data not found at {path} (set JAXBN_DATA to the folder "
+                    "holding mnist/ and fashion-mnist/)")
+    return path

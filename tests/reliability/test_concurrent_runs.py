@@ -10,6 +10,7 @@ import signal
 
 from reliability_helpers import (TINY_ARGS, assert_one_line_error, assert_same_run, holds_lock,
                                  run_cli, start, train_cmd, wait_until)
+from reliability_helpers import reference  # noqa: F401  (a fixture)
 
 
 def snapshot(folder):

@@ -12,6 +12,7 @@ import pytest
 
 from reliability_helpers import (STEPS_PER_EPOCH, TINY, TINY_ARGS, assert_same_run,
                                  run_cli)
+from reliability_helpers import reference  # noqa: F401  (a fixture)
 
 from train import checkpoint, loop
 from train.config import Config, resolve

@@ -13,6 +13,8 @@ import socket
 
 import pytest
 
+from reliability_helpers import data_dir  # noqa: F401  (a fixture)
+
 from train.__main__ import main
 
 LABELS = "t10k-labels-idx1-ubyte.gz"  # read last, so every other file is read first

@@ -14,6 +14,7 @@ import pytest
 
 from reliability_helpers import (TINY_ARGS, assert_same_run, run_cli, start, train_cmd,
                                  wait_until)
+from reliability_helpers import reference  # noqa: F401  (a fixture)
 
 from train import checkpoint
 

@@ -14,6 +14,7 @@ import pytest
 
 from reliability_helpers import (REPO, STEPS_PER_EPOCH, TINY_ARGS, assert_same_run, cli_env,
                                  holds_lock, run_cli, start, train_cmd, wait_until)
+from reliability_helpers import reference  # noqa: F401  (a fixture)
 
 from train import checkpoint
 
