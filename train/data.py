@@ -365,12 +365,33 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 def train_batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, epoch: int,
-                  start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Shuffled full batches of ``epoch``, starting at batch index ``start``."""
+                  start: int = 0, max_shift: int = 0
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Shuffled full batches of ``epoch``, starting at batch index ``start``.
+
+    ``max_shift > 0`` translates every image by a random whole number of
+    pixels in ``[-max_shift, max_shift]`` along each axis; the random draws
+    depend only on ``(seed, epoch, batch index)``, so a resumed run sees the
+    same images.
+    """
     order = epoch_permutation(seed, epoch, len(x))
     for i in range(start, steps_per_epoch(len(x), batch_size)):
         idx = np.sort(order[i * batch_size:(i + 1) * batch_size])
-        yield x[idx], y[idx]
+        xb = x[idx]
+        if max_shift:
+            xb = random_shifts(xb, max_shift, np.random.default_rng([seed, epoch, i, 1]))
+        yield xb, y[idx]
+
+
+def random_shifts(images: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+    """NHWC images translated by per-image offsets; edges extend the border pixels."""
+    n, h, w, _ = images.shape
+    p = max_shift
+    padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode="edge")
+    dy, dx = rng.integers(-p, p + 1, size=(2, n))
+    rows = (p + dy)[:, None] + np.arange(h)
+    cols = (p + dx)[:, None] + np.arange(w)
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int

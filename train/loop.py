@@ -496,7 +496,8 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
             while book.epoch < cfg.epochs:
                 epoch = book.epoch
                 batches = data.train_batches(dataset.x_train, dataset.y_train, cfg.batch_size,
-                                             seed=cfg.seed, epoch=epoch, start=book.batch)
+                                             seed=cfg.seed, epoch=epoch, start=book.batch,
+                                             max_shift=cfg.augment_shift)
                 for xb, yb in batches:
                     t0 = time.perf_counter()
                     state, m = train_step(state, steps.place_batch((xb, yb), mesh))

@@ -66,3 +66,11 @@ def test_training_dict_holds_what_changes_the_computation():
     cfg = parse_args(["--seed", "3", "--out", "/tmp/x"])
     assert cfg.training_dict()["seed"] == 3
     assert "out" not in cfg.training_dict() and "data_dir" not in cfg.training_dict()
+
+
+def test_augment_shift_defaults_per_dataset():
+    assert parse_args([]).augment_shift == 0
+    assert parse_args(["--dataset", "mnist"]).augment_shift == 2
+    assert parse_args(["--dataset", "mnist", "--augment-shift", "0"]).augment_shift == 0
+    with pytest.raises(ConfigError, match="--augment-shift must be 0 to 4"):
+        parse_args(["--augment-shift", "9"])

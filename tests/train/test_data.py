@@ -185,3 +185,38 @@ def test_loading_never_writes_into_the_data_folder(mnist_copy):
     before = {p.name: p.stat().st_mtime_ns for p in mnist_copy.iterdir()}
     data.load("mnist", str(mnist_copy.parent), limit_train=10)
     assert {p.name: p.stat().st_mtime_ns for p in mnist_copy.iterdir()} == before
+
+
+def _shift_reference(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """One image moved by (dy, dx), pixel by pixel, borders extended."""
+    h, w = image.shape[:2]
+    out = np.empty_like(image)
+    for r in range(h):
+        for c in range(w):
+            out[r, c] = image[min(max(r + dy, 0), h - 1), min(max(c + dx, 0), w - 1)]
+    return out
+
+
+def test_random_shifts_match_a_pixel_loop():
+    rng = np.random.default_rng(3)
+    images = rng.standard_normal((6, 7, 5, 2)).astype(np.float32)
+    shifted = data.random_shifts(images, 2, np.random.default_rng(9))
+    dy, dx = np.random.default_rng(9).integers(-2, 3, size=(2, 6))
+    for i in range(6):
+        np.testing.assert_array_equal(shifted[i], _shift_reference(images[i], dy[i], dx[i]))
+    assert {int(v) for v in np.concatenate([dy, dx])} - {-2, -1, 0, 1, 2} == set()
+
+
+def test_augmented_batches_are_reproducible_and_resume_mid_epoch():
+    x = np.random.default_rng(0).standard_normal((40, 6, 6, 1)).astype(np.float32)
+    y = np.arange(40, dtype=np.int32)
+    full = list(data.train_batches(x, y, 8, seed=1, epoch=2, max_shift=1))
+    again = list(data.train_batches(x, y, 8, seed=1, epoch=2, max_shift=1))
+    tail = list(data.train_batches(x, y, 8, seed=1, epoch=2, start=3, max_shift=1))
+    for (a, _), (b, _) in zip(full, again):
+        np.testing.assert_array_equal(a, b)
+    for (a, la), (b, lb) in zip(full[3:], tail):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(la, lb)
+    plain = list(data.train_batches(x, y, 8, seed=1, epoch=2))
+    assert any(not np.array_equal(a, p) for (a, _), (p, _) in zip(full, plain))
