@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 
 from train.allocator import tune_malloc
 from train.config import Config, ConfigError, check_out_dir, explicit_args, resolve
+from train.signals import Interrupted, StopFlag, catch_signals
 
 STARTED = time.perf_counter()  # before jax is imported: the cold start counts from here
 
 PROG = "python -m train"
+INTERRUPTED = "interrupted; --resume continues from the last complete checkpoint, if there is one"
 
 
 def _fail(message: str, code: int) -> int:
@@ -18,7 +21,19 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _interrupted(signum: int) -> int:
+    return _fail(INTERRUPTED, 130 if signum == signal.SIGINT else 128 + signum)
+
+
 def main(argv=None) -> int:
+    # From the first line on, SIGINT/SIGTERM only set a flag: checked after
+    # the imports and data loading, and between training steps.
+    stop = StopFlag()
+    with catch_signals(stop):
+        return _main(argv, stop)
+
+
+def _main(argv, stop: StopFlag) -> int:
     tune_malloc()  # before JAX allocates: see train/allocator.py
     try:
         explicit = explicit_args(argv)
@@ -35,20 +50,23 @@ def main(argv=None) -> int:
     try:
         from train import loop
         from train.checkpoint import CheckpointError
+        if stop:
+            return _interrupted(stop.signum)
         try:
             cfg = loop.resume_config(explicit) if explicit.get("resume") else resolve(
                 Config(**explicit))
-            code, _ = loop.run(cfg, started=STARTED)
+            code, _ = loop.run(cfg, started=STARTED, stop=stop)
             return code
+        except Interrupted as e:
+            return _interrupted(e.signum)
         except ConfigError as e:
             return _fail(str(e), 2)
         except (DataError, loop.RunError, CheckpointError) as e:
             # Known, user-fixable failures get one line; anything else is a
             # bug and keeps its traceback.
             return _fail(str(e), 1)
-    except KeyboardInterrupt:
-        return _fail("interrupted; --resume continues from the last complete checkpoint, "
-                     "if there is one", 130)
+    except KeyboardInterrupt:  # a second SIGINT: the default handler is back
+        return _fail(INTERRUPTED, 130)
 
 
 if __name__ == "__main__":

@@ -200,7 +200,7 @@ def _validate_parallel(cfg: Config) -> None:
             f"{cfg.num_processes}; every process contributes the same number of devices")
 
 
-RUN_MARKERS = ("metrics.jsonl", "summary.json", "checkpoints")
+RUN_MARKERS = ("metrics.jsonl", "summary.json", "checkpoints", "config.json")
 
 
 def check_out_dir(out: str, resume: bool) -> None:

@@ -22,7 +22,6 @@ import platform
 import shlex
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, TextIO
@@ -31,6 +30,7 @@ import jax
 import numpy as np
 
 from train import checkpoint, data, models, plots, steps
+from train.signals import Interrupted, StopFlag, catch_signals
 from train.config import (Config, ConfigError, LAUNCH_FIELDS, TRAINING_FIELDS, check_out_dir,
                           resolve)
 
@@ -40,6 +40,7 @@ EVAL_BATCH = 1000
 # differ between a resumed run and an uninterrupted one.
 TIMING_FIELDS = frozenset({"step_time", "epoch_seconds", "images_per_second", "elapsed_seconds"})
 JOIN_TIMEOUT_S = 120
+RUN_CONFIG = "config.json"  # the run's settings, written before its first step
 KEEP_CHECKPOINTS = 3
 
 
@@ -106,9 +107,12 @@ def resume_config(explicit: dict[str, Any]) -> Config:
     """
     probe = resolve(Config(**explicit))
     found = checkpoint.latest_meta(Path(probe.out) / "checkpoints")
-    if found is None:
-        return probe
-    saved = found[1].get("config", {})
+    if found is not None:
+        saved = found[1].get("config", {})
+    else:
+        saved = _read_run_config(Path(probe.out) / RUN_CONFIG)
+        if saved is None:
+            return probe
     for key, value in explicit.items():
         if key in TRAINING_FIELDS and key in saved and saved[key] != value:
             raise ConfigError(
@@ -120,6 +124,17 @@ def resume_config(explicit: dict[str, Any]) -> Config:
     merged.update(explicit)
     merged.setdefault("out", probe.out)
     return resolve(Config(**merged))
+
+
+def _read_run_config(path: Path) -> dict | None:
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path} is unreadable ({e}); remove it to resume with the options "
+                       f"given on the command line") from None
+    return saved if isinstance(saved, dict) else None
 
 
 # --------------------------------------------------------------------------
@@ -173,38 +188,6 @@ class Progress:
 
 # --------------------------------------------------------------------------
 # signals
-
-
-class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop checks it between steps."""
-
-    def __init__(self):
-        self.signum: int | None = None
-
-    def __bool__(self):
-        return self.signum is not None
-
-
-@contextlib.contextmanager
-def catch_signals(flag: StopFlag):
-    """Route SIGINT/SIGTERM to ``flag`` inside the block (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be installed from the main thread
-        return
-
-    def handler(signum, frame):
-        flag.signum = signum
-        # A second signal interrupts at once (the default behaviour).
-        signal.signal(signum, previous[signum])
-
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in previous:
-        signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 # --------------------------------------------------------------------------
@@ -325,13 +308,15 @@ class Bookkeeping:
 
 def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | None = None,
         load_data: Callable[..., data.Dataset] = data.load,
-        started: float | None = None) -> tuple[int, dict | None]:
+        started: float | None = None, stop: StopFlag | None = None) -> tuple[int, dict | None]:
     """Train as ``cfg`` says. Returns (exit code, summary or None).
 
     ``interrupt_at_step`` acts as if SIGINT arrived after that global step
     (used to test resuming); ``load_data`` replaces the data loader;
     ``started`` is the ``time.perf_counter()`` the cold start is measured
-    from (default: now).
+    from (default: now). ``stop``: a flag the caller already routes SIGINT
+    and SIGTERM to (default: the run catches them while it trains); set
+    before training starts, it raises :class:`Interrupted`.
     """
     started = time.perf_counter() if started is None else started
     stdout = stdout or sys.stdout
@@ -364,14 +349,19 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
     total_steps = spe * cfg.epochs
     eval_bs = _round_up(min(EVAL_BATCH, len(dataset.x_test)), cfg.devices)
 
+    if stop:
+        raise Interrupted(stop.signum)
+    train = functools.partial(_train, cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh,
+                              stdout, interrupt_at_step, started, stop)
     if not primary:
         # Process 0 alone writes --out; the others only read checkpoints.
-        return _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout,
-                      interrupt_at_step, started)
+        return train()
     lock_fd = open_out_dir(out, cfg.resume)
     try:
-        return _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout,
-                      interrupt_at_step, started)
+        # The settings, before anything else: a run killed before its first
+        # checkpoint still resumes as itself.
+        write_json_atomic(out / RUN_CONFIG, cfg.to_dict())
+        return train()
     finally:
         os.close(lock_fd)
 
@@ -427,7 +417,7 @@ def compiled_steps(graphdefs, optimizer, schedule_name, lr, weight_decay, total_
 
 
 def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, interrupt_at_step,
-           started):
+           started, stop):
     model = models.build_model(cfg.model, dataset.input_shape, norm=cfg.norm, seed=cfg.seed,
                                opts=opts, mlp_depth=cfg.mlp_depth, mlp_width=cfg.mlp_width,
                                activation=cfg.activation)
@@ -458,13 +448,18 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                 f"resuming from {ckpt_root.name}/ckpt-{resumed_from:09d} "
                 f"(epoch {book.epoch + 1}, step {resumed_from})")
         else:
-            if ckpt_root.exists() or metrics_path.exists():
+            if checkpoint.list_checkpoints(ckpt_root):
+                progress.message(f"no checkpoint in {ckpt_root} verifies (see the warnings "
+                                 f"above); starting from the beginning")
+            elif ckpt_root.exists() or metrics_path.exists():
                 progress.message(f"no complete checkpoint in {ckpt_root}; starting from the beginning")
             if primary:
                 _truncate(metrics_path, 0, progress)
     state = steps.place_state(state, mesh)
 
-    flag = StopFlag()
+    flag = stop if stop is not None else StopFlag()
+    # A caller that passed its flag already routes the signals to it.
+    signals = contextlib.nullcontext() if stop is not None else catch_signals(flag)
     segment_start = time.perf_counter()
     first_step = True
     cold_start = first_step_seconds = None  # of this segment (a resume is a new process)
@@ -492,7 +487,7 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
         metrics_file.write(json.dumps(rec) + "\n")
 
     try:
-        with catch_signals(flag):
+        with signals:
             while book.epoch < cfg.epochs:
                 epoch = book.epoch
                 batches = data.train_batches(dataset.x_train, dataset.y_train, cfg.batch_size,
@@ -513,8 +508,8 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                         metrics_file.flush()
                         raise RunError(
                             f"stopped at step {gstep}: {rec['bad_steps']} consecutive steps "
-                            f"had a non-finite loss or gradient (parameters kept from the "
-                            f"last good step); lower --lr or check the data")
+                            f"had a non-finite loss or gradient; start a new run with a lower "
+                            f"--lr, or check the data")
                     progress.step(epoch, book.batch - 1, m["loss"], m["accuracy"],
                                   len(xb) / dt if dt > 0 else 0.0)
                     if interrupt_at_step is not None and gstep == interrupt_at_step:

@@ -106,7 +106,8 @@ def test_no_checkpoint_verifies_the_command_line_says_so(tmp_path, reference):
         "(partial or corrupted)",
         f"warning: skipping checkpoint {damaged[0]}: state.npz does not match its checksum "
         "(partial or corrupted)",
-        f"no complete checkpoint in {out / 'checkpoints'}; starting from the beginning",
+        f"no checkpoint in {out / 'checkpoints'} verifies (see the warnings above); "
+        f"starting from the beginning",
     ]
     assert_same_run(out, reference)  # the restart is the uninterrupted run
 

@@ -16,7 +16,7 @@ def test_diverging_run_stops_after_max_bad_steps_with_one_line(tmp_path):
                    "--max-bad-steps", "3", "--out", out)
     assert proc.returncode == 1
     line = assert_one_line_error(proc, "3 consecutive steps had a non-finite loss or gradient",
-                                 "lower --lr or check the data")
+                                 "start a new run with a lower --lr, or check the data")
     step = int(re.search(r"stopped at step (\d+):", line).group(1))
     steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
              if r["kind"] == "step"]

@@ -69,10 +69,6 @@ def test_sigterm_mid_run_saves_a_checkpoint(tmp_path):
     check_stopped(out, signal.SIGTERM, *signal_mid_run(out, signal.SIGTERM))
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "train/__main__.py lets SIGINT raise KeyboardInterrupt while jax is imported: it can "
-    "land in jax's gc callback (ignored; the run goes on, exit 0) or leave a half-imported "
-    "jaxlib that dies at exit (-11, SIGSEGV) or re-raises (-2)"))
 def test_sigint_during_start_up_exits_130_with_one_line(tmp_path):
     rng = random.Random(7)
     for i in range(3):

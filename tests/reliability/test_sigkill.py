@@ -115,10 +115,6 @@ def test_sigkill_during_a_checkpoint_write(tmp_path, reference, nth, torn, resum
     assert not [p for p in ckpts.iterdir() if p.name.startswith(".tmp-")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "train.loop.resume_config takes the settings from the newest checkpoint only; with "
-    "none written yet, a bare --resume falls back to the defaults (cnn, 8 epochs) and "
-    "trains a different run into the same --out"))
 def test_bare_resume_before_the_first_checkpoint_keeps_the_run_settings(tmp_path):
     from train import loop
     out = tmp_path / "run"
