@@ -132,8 +132,9 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg, name)
         if value not in allowed:
             raise ConfigError(f"--{name} {value!r} is not one of: {', '.join(allowed)}")
-    at_least_one = ("epochs", "batch_size", "devices", "max_bad_steps", "mlp_depth",
-                    "mlp_width", "virtual_batch_size", "bn_group_size", "num_processes")
+    # num_processes first: --devices defaults to it
+    at_least_one = ("num_processes", "epochs", "batch_size", "devices", "max_bad_steps",
+                    "mlp_depth", "mlp_width", "virtual_batch_size", "bn_group_size")
     for name in at_least_one:
         value = getattr(cfg, name)
         if value is not None and value < 1:

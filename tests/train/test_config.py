@@ -49,6 +49,12 @@ def test_config_is_frozen():
     (["--batch-size", "30", "--devices", "4"], "not divisible by --devices 4"),
     (["--batch-size", "1"], "at least 2 examples"),
     (["--norm", "ghost", "--batch-size", "40", "--virtual-batch-size", "16"], "divide evenly"),
+    (["--max-bad-steps", "0"], "--max-bad-steps must be at least 1"),
+    (["--bn-momentum", "1"], "--bn-momentum must be in [0, 1)"),
+    (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--bn-group-size", "0"], "--bn-group-size must be at least 1"),
+    (["--num-processes", "0"], "--num-processes must be at least 1"),
     (["--no-such-flag"], "unrecognized arguments"),
 ])
 def test_bad_values_raise_one_line_config_errors(argv, fragment):
