@@ -331,27 +331,6 @@ def accuracy(model, x, y, *, batch_size: int = 500) -> float:
     return float((logits.argmax(-1) == y).mean())
 
 
-def run_config(cfg, out_dir: str | None = None) -> tuple[dict, list[dict]]:
-    """Run ``train.loop.run(cfg)`` (what ``python -m train`` does) in a temp folder.
-
-    Returns ``(summary, records)`` where ``records`` are the parsed lines of
-    ``metrics.jsonl`` (``kind`` = 'step' or 'epoch').
-    """
-    import io
-    import tempfile
-    from train import config as tconfig, loop, plots
-    tmp = out_dir or tempfile.mkdtemp(prefix="jaxbn-nb-")
-    cfg = tconfig.resolve(dataclasses.replace(cfg, out=os.path.join(tmp, "run")))
-    code, summary = loop.run(cfg, stdout=io.StringIO())
-    if code != 0:
-        raise RuntimeError(f"training stopped with exit code {code}")
-    return summary, plots.read_metrics(Path(cfg.out) / "metrics.jsonl")
-
-
-# --------------------------------------------------------------------------
-# display helpers
-
-
 def table(rows: Sequence[dict], columns: Sequence[str] | None = None, *, fmt: dict | None = None,
           title: str | None = None) -> None:
     """A plain-text table (printed, so it survives in any notebook viewer)."""
