@@ -4,8 +4,9 @@
 
 Both sides train the default CNN (conv32-BN-pool-conv64-BN-pool-dense128-BN-
 dense10) with Adam, a linear warm-up over the first 5% of steps and cosine
-decay to 1% of the 2e-3 peak, batch 128, on the same shuffled order
-(``train.data``), and evaluate all 10,000 test images after every epoch.
+decay to 1% of the 2e-3 peak, batch 128, on the same shuffled and randomly
+shifted images (``train.data``, with train's MNIST default shift), and
+evaluate all 10,000 test images after every epoch.
 They run one after the other, each in its own process with the machine to
 itself. Wall time counts from process start (imports, data loading and
 compilation included) to the end of each epoch's evaluation.
@@ -50,6 +51,7 @@ def torch_run(epochs: int) -> list[dict]:
 
     from benchmarks.torch_worker import CNN
     from train import data
+    from train.config import DATASET_DEFAULTS
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     torch.manual_seed(0)
@@ -60,10 +62,12 @@ def torch_run(epochs: int) -> list[dict]:
     opt = torch.optim.Adam(model.parameters(), lr=PEAK_LR)
     spe = data.steps_per_epoch(len(ds.x_train), BATCH)
     schedule = warmup_cosine(spe * epochs)
+    max_shift = DATASET_DEFAULTS["mnist"]["augment_shift"]
     step, points = 0, []
     for epoch in range(epochs):
         model.train()
-        for xb, yb in data.train_batches(ds.x_train, ds.y_train, BATCH, seed=0, epoch=epoch):
+        for xb, yb in data.train_batches(ds.x_train, ds.y_train, BATCH, seed=0, epoch=epoch,
+                                         max_shift=max_shift):
             for group in opt.param_groups:
                 group["lr"] = schedule(step)
             opt.zero_grad(set_to_none=True)
