@@ -191,6 +191,18 @@ def test_progress_bar_on_a_terminal_plain_lines_otherwise(tmp_path):
     assert lines[-1].startswith("test accuracy ") and len(lines) == 3
 
 
+def test_interrupt_on_a_terminal_clears_the_bar_first(tmp_path):
+    # Ctrl-C mid-epoch: the half-drawn bar is erased ("\r" + erase-line) and
+    # the stop message ends with a newline, so the shell prompt starts clean.
+    term = _Terminal()
+    code, _ = loop.run(tiny(tmp_path / "r", limit_train=320), stdout=term, interrupt_at_step=3)
+    text = term.getvalue()
+    assert code == loop.EXIT_INTERRUPTED
+    bar, _, stop = text.rpartition("\r\033[K")
+    assert "[" in bar and stop.startswith("SIGINT: stopped after step 3")
+    assert stop.endswith("--resume\n") and stop.count("\n") == 1
+
+
 def test_resuming_a_finished_run_changes_nothing(tmp_path):
     out = tmp_path / "run"
     _, first, _ = run(tiny(out))
