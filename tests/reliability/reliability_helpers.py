@@ -130,16 +130,3 @@ def _reference_run(base: Path) -> Path:
 def reference(tmp_path_factory) -> Path:
     """The tiny run, uninterrupted, in this process; run once however many modules ask."""
     return _reference_run(tmp_path_factory.getbasetemp())
-
-
-def shared_data_dir() -> Path:
-    return Path(os.environ.get("JAXBN_DATA") or REPO.parent / "shared" / "data")
-
-
-@pytest.fixture
-def data_dir() -> Path:
-    path = shared_data_dir()
-    if not (path / "mnist").is_dir():
-        pytest.skip(f"real data not found at {path} (set JAXBN_DATA to the folder "
-                    "holding mnist/ and fashion-mnist/)")
-    return path

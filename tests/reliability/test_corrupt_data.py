@@ -13,7 +13,6 @@ import socket
 
 import pytest
 
-from reliability_helpers import data_dir  # noqa: F401  (a fixture)
 
 from train.__main__ import main
 

@@ -16,20 +16,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def shared_data_dir() -> Path:
-    return Path(os.environ.get("JAXBN_DATA") or REPO.parent / "shared" / "data")
-
-
-@pytest.fixture
-def data_dir() -> Path:
-    """The read-only folder of real MNIST / Fashion-MNIST files (skips if absent)."""
-    path = shared_data_dir()
-    if not (path / "mnist").is_dir():
-        pytest.skip(f"real data not found at {path} (set JAXBN_DATA to the folder "
-                    "holding mnist/ and fashion-mnist/)")
-    return path
-
-
 def cli_env(**extra) -> dict[str, str]:
     env = dict(os.environ)
     env.update(MPLBACKEND="Agg", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
