@@ -4,6 +4,7 @@ The flag must be set before JAX initialises its backend, hence at import.
 """
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,13 @@ def data_dir() -> Path:
     pytest.skip(f'real data not found at {path} (set JAXBN_DATA to the folder '
                 'holding mnist/ and fashion-mnist/)')
   return path
+
+
+@pytest.fixture
+def mnist_copy(tmp_path, data_dir) -> Path:
+  """A private, writable copy of the MNIST folder (corruptions never touch the shared one)."""
+  dst = tmp_path / 'data' / 'mnist'
+  shutil.copytree(data_dir / 'mnist', dst)
+  for f in dst.iterdir():
+    f.chmod(0o644)
+  return dst

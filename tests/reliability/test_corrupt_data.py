@@ -37,15 +37,6 @@ def wrong_checksum(folder):
     f.write_bytes(gzip.compress(bytes(raw)))
 
 
-@pytest.fixture
-def mnist_copy(tmp_path, data_dir):
-    dst = tmp_path / "data" / "mnist"
-    shutil.copytree(data_dir / "mnist", dst)
-    for f in dst.iterdir():
-        f.chmod(0o644)
-    return dst
-
-
 def folder_hash(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 

@@ -1,5 +1,4 @@
 import gzip
-import shutil
 import struct
 
 import numpy as np
@@ -99,16 +98,6 @@ def test_parse_idx_accepts_a_small_valid_file(tmp_path):
     raw = gzip.compress(_idx_bytes(2051, (2, 28, 28), imgs.tobytes()))
     out = data.parse_idx(raw, "x.gz", kind="images", count=2)
     np.testing.assert_array_equal(out, imgs)
-
-
-@pytest.fixture
-def mnist_copy(tmp_path, data_dir):
-    """A private copy of the MNIST folder (corruptions never touch the shared one)."""
-    dst = tmp_path / "data" / "mnist"
-    shutil.copytree(data_dir / "mnist", dst)
-    for f in dst.iterdir():
-        f.chmod(0o644)
-    return dst
 
 
 def _rewrite(path, transform):
