@@ -467,8 +467,7 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
 
     def save_checkpoint() -> Path:
         position = book.epoch * spe + book.batch
-        host_state = steps.to_host(state)  # every process takes part in the transfer
-        if not primary:
+        if not primary:  # process 0 writes; the state is replicated, so it has all of it
             return ckpt_root / f"ckpt-{position:09d}"
         metrics_file.flush()
         os.fsync(metrics_file.fileno())
@@ -477,7 +476,7 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
         meta = {"bookkeeping": dataclasses.asdict(bk), "config": cfg.to_dict(),
                 "metrics_bytes": metrics_file.tell(), "created": time.time()}
         try:
-            return checkpoint.save(ckpt_root, host_state, meta, position=position,
+            return checkpoint.save(ckpt_root, steps.to_host(state), meta, position=position,
                                    keep=KEEP_CHECKPOINTS)
         except OSError as e:
             raise RunError(f"cannot write a checkpoint into {ckpt_root}: "
