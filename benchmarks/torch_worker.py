@@ -15,7 +15,7 @@ import time
 import torch
 from torch import nn
 
-from benchmarks import procs, timing
+from benchmarks import batches, procs, timing
 
 # Flax's momentum 0.99 (kept for the running mean) is PyTorch's 0.01; the
 # CNN's 0.9 (train's default) is 0.1.
@@ -77,19 +77,24 @@ class Stepper:
         self.device = device
         self.model = CNN().to(device).to(memory_format=layout).train()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=2e-3)
-        self.x = torch.randn(n, 1, 28, 28, device=device).contiguous(memory_format=layout)
-        self.y = torch.arange(n, device=device) % 10
+        # The JAX worker's batches, NCHW here, cycled the same way.
+        self.batches = [(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device)
+                         .contiguous(memory_format=layout), torch.from_numpy(y).long().to(device))
+                        for x, y in batches.cnn_batches(n)]
+        self.calls = 0
         start = time.perf_counter()
         self()
         self.first_step_seconds = time.perf_counter() - start
 
     def __call__(self):
+        x, y = self.batches[self.calls % batches.DISTINCT_BATCHES]
+        self.calls += 1
         self.opt.zero_grad(set_to_none=True)
-        logits = self.model(self.x)
-        loss = nn.functional.cross_entropy(logits, self.y)
+        logits = self.model(x)
+        loss = nn.functional.cross_entropy(logits, y)
         loss.backward()
         self.opt.step()
-        (logits.argmax(-1) == self.y).float().mean().item()
+        (logits.argmax(-1) == y).float().mean().item()
         _synchronize(self.device)
 
 
