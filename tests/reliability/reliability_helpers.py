@@ -12,6 +12,7 @@ corrupted and resumed runs must reproduce bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -55,9 +57,17 @@ def run_cli(*args, timeout=180) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-def start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+@contextlib.contextmanager
+def running(cmd: list[str]) -> Iterator[subprocess.Popen]:
+    """``cmd`` started in the background; killed on leaving if it still runs."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def wait_until(predicate, proc: subprocess.Popen, timeout: float = 120) -> bool:

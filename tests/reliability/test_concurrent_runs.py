@@ -9,7 +9,7 @@ import hashlib
 import signal
 
 from reliability_helpers import (TINY_ARGS, assert_one_line_error, assert_same_run, holds_lock,
-                                 run_cli, start, train_cmd, wait_until)
+                                 run_cli, running, train_cmd, wait_until)
 from reliability_helpers import reference  # noqa: F401  (a fixture)
 
 
@@ -21,8 +21,7 @@ def snapshot(folder):
 
 def test_a_second_run_into_a_busy_out_dir_is_refused_and_changes_nothing(tmp_path, reference):
     out = tmp_path / "run"
-    first = start(train_cmd(*TINY_ARGS, "--out", out))
-    try:
+    with running(train_cmd(*TINY_ARGS, "--out", out)) as first:
         assert wait_until(holds_lock(out, first), first), first.communicate()
         first.send_signal(signal.SIGSTOP)
         try:
@@ -33,10 +32,6 @@ def test_a_second_run_into_a_busy_out_dir_is_refused_and_changes_nothing(tmp_pat
         finally:
             first.send_signal(signal.SIGCONT)
         first.communicate(timeout=180)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
     assert second.returncode == 1
     assert_one_line_error(second, f"another training run is writing to {out} (its .lock is "
                                   "held); wait for it to finish or choose another --out")

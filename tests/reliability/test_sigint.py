@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from reliability_helpers import (TINY_ARGS, assert_same_run, run_cli, start, train_cmd,
+from reliability_helpers import (TINY_ARGS, assert_same_run, run_cli, running, train_cmd,
                                  wait_until)
 from reliability_helpers import reference  # noqa: F401  (a fixture)
 
@@ -24,16 +24,11 @@ STOPPED = re.compile(r"^(SIGINT|SIGTERM): stopped after step (\d+); checkpoint s
 
 def signal_mid_run(out, signum):
     """Start the tiny run, send ``signum`` once it has written a checkpoint."""
-    proc = start(train_cmd(*TINY_ARGS, "--out", out))
-    try:
+    with running(train_cmd(*TINY_ARGS, "--out", out)) as proc:
         assert wait_until(lambda: checkpoint.list_checkpoints(out / "checkpoints"), proc), (
             proc.communicate())
         proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     return proc.returncode, stdout, stderr
 
 
@@ -72,12 +67,12 @@ def test_sigterm_mid_run_saves_a_checkpoint(tmp_path):
 def test_sigint_during_start_up_exits_130_with_one_line(tmp_path):
     rng = random.Random(7)
     for i in range(3):
-        proc = start(train_cmd(*TINY_ARGS, "--out", tmp_path / f"run{i}"))
-        try:
-            proc.wait(timeout=rng.uniform(0.5, 3.0))  # while jax imports, data loads
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=120)
+        with running(train_cmd(*TINY_ARGS, "--out", tmp_path / f"run{i}")) as proc:
+            try:
+                proc.wait(timeout=rng.uniform(0.5, 3.0))  # while jax imports, data loads
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGINT)
+            stdout, stderr = proc.communicate(timeout=120)
         if "SIGINT: stopped after step" in stdout:
             continue  # it had reached the training loop: the tests above cover that
         assert (proc.returncode, stderr) == (130, "python -m train: error: interrupted; "

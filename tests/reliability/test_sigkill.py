@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from reliability_helpers import (REPO, STEPS_PER_EPOCH, TINY_ARGS, assert_same_run, cli_env,
-                                 holds_lock, run_cli, start, train_cmd, wait_until)
+                                 holds_lock, run_cli, running, train_cmd, wait_until)
 from reliability_helpers import reference  # noqa: F401  (a fixture)
 
 from train import checkpoint
@@ -26,8 +26,7 @@ def newest_position(out):
 
 def kill_run(cmd, out, rng, anchored: bool) -> str:
     """Start ``cmd``, SIGKILL it at a random moment; describe where it was."""
-    proc = start(cmd)
-    try:
+    with running(cmd) as proc:
         assert wait_until(holds_lock(out, proc), proc), proc.communicate()
         if anchored:
             # After a checkpoint of this segment: the kill lands mid-training.
@@ -41,10 +40,6 @@ def kill_run(cmd, out, rng, anchored: bool) -> str:
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     if proc.returncode == 0:
         return "finished before the kill"
     assert proc.returncode == -signal.SIGKILL, proc.returncode
