@@ -21,6 +21,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 # The mesh axis the batch is split over, and the axis name batch norms sync on.
 DATA_AXIS = "data"
 
+# XLA:CPU hands elementwise fusions to its YNNPACK library kernels too (by
+# default only dots and reductions). The CNN's step measured 8-17% faster,
+# and results stay identical from run to run, so resumes stay bit-for-bit.
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type":
+        "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE",
+}
+
 
 class TrainState(NamedTuple):
     params: Any        # nnx.State of nnx.Param
@@ -217,8 +225,11 @@ def jit_steps(train_step, eval_step, mesh: Mesh | None):
     statistics with one collective. Evaluation uses running statistics
     only, so plain ``jit`` over the sharded batch suffices.
     """
+    platform = (mesh.devices.flat[0] if mesh else jax.devices()[0]).platform
+    options = CPU_COMPILER_OPTIONS if platform == "cpu" else None
     if mesh is None:
-        return jax.jit(train_step, donate_argnums=0), jax.jit(eval_step)
+        return (jax.jit(train_step, donate_argnums=0, compiler_options=options),
+                jax.jit(eval_step, compiler_options=options))
     rep = NamedSharding(mesh, P())
     data = NamedSharding(mesh, P(DATA_AXIS))
     # check_vma=False: the pooled statistics and averaged gradients are equal
@@ -227,8 +238,9 @@ def jit_steps(train_step, eval_step, mesh: Mesh | None):
     per_device = jax.shard_map(train_step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
                                out_specs=(P(), P()), check_vma=False)
     train = jax.jit(per_device, in_shardings=(rep, data), out_shardings=(rep, rep),
-                    donate_argnums=0)
-    evaluate = jax.jit(eval_step, in_shardings=(rep, data), out_shardings=rep)
+                    donate_argnums=0, compiler_options=options)
+    evaluate = jax.jit(eval_step, in_shardings=(rep, data), out_shardings=rep,
+                       compiler_options=options)
     return train, evaluate
 
 
