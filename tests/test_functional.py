@@ -195,6 +195,31 @@ def test_gradients_are_exact_second_order(use_mask):
     check_grads(jax.jit(f), (x, scale, bias), order=2, modes=('fwd', 'rev'))
 
 
+@pytest.mark.parametrize('affine', [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize('dtype', [np.float64, np.complex128])
+def test_normalize_derivatives_match_finite_differences(affine, dtype):
+  # normalize has a hand-written derivative rule; finite differences of
+  # every input (statistics included) check it to second order.
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 2, 3)) * 2 + 1
+    mean = rng.standard_normal(3)
+    if dtype == np.complex128:
+      x = x + 1j * rng.standard_normal(x.shape)
+      mean = mean + 1j * rng.standard_normal(3)
+    args = [jnp.asarray(x), jnp.asarray(mean), jnp.asarray(rng.uniform(0.5, 2, 3))]
+    args += [jnp.asarray(rng.uniform(0.5, 2, 3)) for _ in range(affine[0])]
+    args += [jnp.asarray(rng.standard_normal(3)) for _ in range(affine[1])]
+
+    def f(x, mean, var, *params):
+      scale = params[0] if affine[0] else None
+      bias = params[-1] if affine[1] else None
+      y = jaxbn.normalize(x, mean, var, scale, bias, epsilon=1e-3)
+      return jnp.sum(jnp.abs(jnp.sin(y)) ** 2)
+
+    check_grads(f, args, order=2, modes=('fwd', 'rev'))
+
+
 def test_ghost_batch_norm_normalizes_each_chunk():
   x = _data((12, 5))
   state = jaxbn.init_state(5)
