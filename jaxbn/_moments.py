@@ -78,11 +78,15 @@ def reduce_moments(
   # The variance does not depend on the shift, so it is a constant for
   # differentiation and the gradients stay exact.
   shift = lax.stop_gradient(shift)
-  centred = x - shift
-  if mask is not None:
-    centred = jnp.where(mask, centred, 0)
-  s1 = jnp.sum(centred, axis=reduction_axes)
-  s2 = jnp.sum(_abs2(centred), axis=reduction_axes)
+  if mask is None:
+    # Two subtractions XLA cannot merge into one: each then fuses into its
+    # own reduction and the centred array is never written to memory.
+    s1 = jnp.sum(x - shift, axis=reduction_axes)
+    s2 = jnp.sum(_abs2(x - lax.optimization_barrier(shift)), axis=reduction_axes)
+  else:
+    centred = jnp.where(mask, x - shift, 0)
+    s1 = jnp.sum(centred, axis=reduction_axes)
+    s2 = jnp.sum(_abs2(centred), axis=reduction_axes)
   safe_count = jnp.maximum(count, 1.0)
   mean = shift.reshape(kept_shape) + s1 / safe_count
   m2 = jnp.maximum(s2 - _abs2(s1) / safe_count, 0.0)
