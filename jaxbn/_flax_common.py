@@ -82,16 +82,6 @@ def renorm_limits(r_max, d_max, step):
 # ------------------------------------------------ layer, group, instance norm
 
 
-def check_no_axis_name(cls_name: str, axis_name) -> None:
-  """The stateless norms have no cross-device statistics yet."""
-  if axis_name is not None:
-    raise NotImplementedError(
-        f'{cls_name}(axis_name={axis_name!r}): statistics pooled across '
-        'devices are not supported for layer/group/instance norm; under '
-        'jax.jit with sharded inputs they are global already, so drop '
-        'axis_name, or use the Flax class for shard_map/pmap code.')
-
-
 def group_norm_layout(shape, num_groups, group_size, reduction_axes):
   """Flax's GroupNorm axes: returns ``(groups, custom_reduction_axes)``.
 
@@ -121,7 +111,7 @@ def group_norm_layout(shape, num_groups, group_size, reduction_axes):
 
 
 def group_norm_call(x, scale, bias, *, num_groups, group_size, reduction_axes,
-                    epsilon, mask, dtype):
+                    epsilon, mask, dtype, axis_name, axis_index_groups):
   """Flax's GroupNorm on jaxbn's functions.
 
   The default axes are :func:`jaxbn.group_norm`'s. Other ``reduction_axes``
@@ -131,7 +121,8 @@ def group_norm_call(x, scale, bias, *, num_groups, group_size, reduction_axes,
   groups, axes = group_norm_layout(jnp.shape(x), num_groups, group_size, reduction_axes)
   if axes is None:
     return _norms.group_norm(x, scale, bias, num_groups=groups, epsilon=epsilon,
-                      mask=mask, dtype=dtype)
+                             mask=mask, dtype=dtype, axis_name=axis_name,
+                             axis_index_groups=axis_index_groups)
   shape = jnp.shape(x)
   grouped = shape[:-1] + (groups, shape[-1] // groups)
   as_grouped = lambda a: None if a is None else jnp.reshape(a, grouped[-2:])
@@ -139,5 +130,6 @@ def group_norm_call(x, scale, bias, *, num_groups, group_size, reduction_axes,
     mask = jnp.broadcast_to(mask, shape).reshape(grouped)
   y = _norms.layer_norm(jnp.reshape(x, grouped), as_grouped(scale), as_grouped(bias),
                  reduction_axes=axes, feature_axes=(len(shape) - 1, len(shape)),
-                 epsilon=epsilon, mask=mask, dtype=dtype)
+                 epsilon=epsilon, mask=mask, dtype=dtype, axis_name=axis_name,
+                 axis_index_groups=axis_index_groups)
   return y.reshape(shape)

@@ -8,7 +8,9 @@ running state: training and inference compute the same function.
 Semantics follow ``flax.linen.LayerNorm``, ``GroupNorm`` and
 ``InstanceNorm`` (same axes, defaults and parameter shapes), except that the
 output has ``x``'s dtype unless ``dtype`` is given (Flax promotes it with
-the parameters' dtype).
+the parameters' dtype). With ``axis_name`` the statistics also cover the
+other devices of a mapped axis (e.g. features split over a model-parallel
+axis), pooled exactly by count like batch norm's.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from jaxbn._moments import reduce_moments
 
 
 def layer_norm(x, scale=None, bias=None, *, reduction_axes=-1, feature_axes=-1,
-               epsilon=1e-6, mask=None, dtype=None):
+               epsilon=1e-6, mask=None, dtype=None, axis_name=None,
+               axis_index_groups=None):
   """Layer normalization: statistics over ``reduction_axes`` of each example.
 
   ``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` with ``mean`` and
@@ -40,6 +43,10 @@ def layer_norm(x, scale=None, bias=None, *, reduction_axes=-1, feature_axes=-1,
     mask: boolean, broadcastable to ``x``; ``False`` entries take no part in
       the statistics (they may hold NaN) and get no gradient.
     dtype: dtype of the result (default ``x.dtype``).
+    axis_name: name of a mapped axis (``shard_map``, ``pmap``, ``vmap``)
+      whose devices hold other parts of the reduced axes; the statistics
+      cover all of them.
+    axis_index_groups: sub-groups of ``axis_name`` that pool separately.
 
   Example:
     >>> import jax.numpy as jnp, jaxbn
@@ -51,17 +58,21 @@ def layer_norm(x, scale=None, bias=None, *, reduction_axes=-1, feature_axes=-1,
   x = _checks.float_array(x)
   reduction_axes = _checks.canonical_axes(reduction_axes, x.ndim, 'reduction_axes')
   feature_axes = _checks.canonical_axes(feature_axes, x.ndim, 'feature_axes')
-  mask = _prepare(x, scale, bias, feature_axes, epsilon, mask)
+  mask = _prepare(x, scale, bias, feature_axes, epsilon, mask, axis_name,
+                  axis_index_groups)
   return _normalize_over(x, reduction_axes, scale, bias, feature_axes,
-                         epsilon=epsilon, mask=mask, dtype=dtype)
+                         epsilon=epsilon, mask=mask, dtype=dtype,
+                         sync=dict(axis_name=axis_name,
+                                   axis_index_groups=axis_index_groups))
 
 
 def instance_norm(x, scale=None, bias=None, *, feature_axes=-1, epsilon=1e-6,
-                  mask=None, dtype=None):
+                  mask=None, dtype=None, axis_name=None, axis_index_groups=None):
   """Instance normalization: statistics per example and per feature.
 
   Reduces every axis but the batch axis (0) and ``feature_axes``, e.g. the
-  spatial axes of an NHWC image, like ``flax.linen.InstanceNorm``.
+  spatial axes of an NHWC image, like ``flax.linen.InstanceNorm``. Other
+  arguments as in :func:`layer_norm`.
 
   Example:
     >>> import jax, jaxbn
@@ -78,20 +89,25 @@ def instance_norm(x, scale=None, bias=None, *, feature_axes=-1, epsilon=1e-6,
         f'elsewhere, got an input of shape {x.shape}; put the batch first '
         '(e.g. NHWC with feature_axes=-1).')
   reduction_axes = tuple(a for a in range(1, x.ndim) if a not in feature_axes)
-  mask = _prepare(x, scale, bias, feature_axes, epsilon, mask)
+  mask = _prepare(x, scale, bias, feature_axes, epsilon, mask, axis_name,
+                  axis_index_groups)
   return _normalize_over(x, reduction_axes, scale, bias, feature_axes,
-                         epsilon=epsilon, mask=mask, dtype=dtype)
+                         epsilon=epsilon, mask=mask, dtype=dtype,
+                         sync=dict(axis_name=axis_name,
+                                   axis_index_groups=axis_index_groups))
 
 
 def group_norm(x, scale=None, bias=None, *, num_groups=32, group_size=None,
-               epsilon=1e-6, mask=None, dtype=None):
+               epsilon=1e-6, mask=None, dtype=None, axis_name=None,
+               axis_index_groups=None):
   """Group normalization (Wu & He, 2018), channels last.
 
   The last axis (``C`` channels) is split into ``num_groups`` groups of
   ``group_size = C // num_groups`` consecutive channels; statistics cover one
   group of one example: every axis but the batch axis 0. ``scale`` and
   ``bias`` have shape ``(C,)``. Like ``flax.linen.GroupNorm``, give either
-  ``num_groups`` or ``group_size`` (then ``num_groups=None``).
+  ``num_groups`` or ``group_size`` (then ``num_groups=None``). Other
+  arguments as in :func:`layer_norm`.
 
   Example:
     >>> import jax, jaxbn
@@ -108,13 +124,15 @@ def group_norm(x, scale=None, bias=None, *, num_groups=32, group_size=None,
         f'shape {x.shape}; add the batch axis, e.g. x[None].')
   channels = x.shape[-1]
   groups = _num_groups(channels, num_groups, group_size)
-  mask = _prepare(x, scale, bias, (x.ndim - 1,), epsilon, mask)
+  mask = _prepare(x, scale, bias, (x.ndim - 1,), epsilon, mask, axis_name,
+                  axis_index_groups)
   grouped_shape = x.shape[:-1] + (groups, channels // groups)
   xg = x.reshape(grouped_shape)
   mg = None if mask is None else mask.reshape(grouped_shape)
   # Statistics per (example, group): reduce all but axis 0 and the group axis.
   reduction_axes = tuple(a for a in range(1, xg.ndim) if a != xg.ndim - 2)
-  stats = reduce_moments(xg, reduction_axes, mask=mg)
+  stats = reduce_moments(xg, reduction_axes, mask=mg, axis_name=axis_name,
+                         axis_index_groups=axis_index_groups)
   kept = (0, xg.ndim - 2)
 
   def apply(x):
@@ -126,8 +144,8 @@ def group_norm(x, scale=None, bias=None, *, num_groups=32, group_size=None,
 
 
 def _normalize_over(x, reduction_axes, scale, bias, feature_axes, *, epsilon,
-                    mask, dtype):
-  stats = reduce_moments(x, reduction_axes, mask=mask)
+                    mask, dtype, sync):
+  stats = reduce_moments(x, reduction_axes, mask=mask, **sync)
   kept = tuple(a for a in range(x.ndim) if a not in reduction_axes)
 
   def apply(x):
@@ -164,11 +182,13 @@ def _compute_dtype(x, stats):
   return jnp.result_type(x.dtype, stats.dtype)
 
 
-def _prepare(x, scale, bias, feature_axes, epsilon, mask):
+def _prepare(x, scale, bias, feature_axes, epsilon, mask, axis_name,
+             axis_index_groups):
   feature_shape = tuple(x.shape[a] for a in feature_axes)
   _checks.param_matches(scale, 'scale', feature_shape)
   _checks.param_matches(bias, 'bias', feature_shape)
   _checks.epsilon(epsilon)
+  _checks.axis_groups(axis_name, axis_index_groups)
   return None if mask is None else _checks.mask_for(mask, x.shape)
 
 

@@ -249,7 +249,7 @@ class LayerNorm(nn.Module):
   (activations with a large mean). ``params/{scale,bias}`` have the shape of
   ``feature_axes``. ``use_fast_variance`` is accepted and changes nothing;
   ``force_float32_reductions=False`` keeps float32 statistics all the same;
-  ``axis_name`` (cross-device statistics) is not supported.
+  ``axis_name`` pools the statistics over a mapped axis, exactly (by count).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -280,13 +280,14 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x, *, mask: jax.Array | None = None):
     """Normalizes each example of ``x`` over ``reduction_axes``."""
-    _flax_common.check_no_axis_name('LayerNorm', self.axis_name)
     x = jnp.asarray(x)
     axes = _checks.canonical_axes(self.feature_axes, x.ndim, 'feature_axes')
     scale, bias, out_dtype = _affine_params(self, x, tuple(x.shape[a] for a in axes))
     return layer_norm(x, scale, bias, reduction_axes=self.reduction_axes,
                       feature_axes=axes, epsilon=self.epsilon,
-                      mask=_bool_mask(mask), dtype=out_dtype)
+                      mask=_bool_mask(mask), dtype=out_dtype,
+                      axis_name=self.axis_name,
+                      axis_index_groups=self.axis_index_groups)
 
 
 class GroupNorm(nn.Module):
@@ -296,7 +297,7 @@ class GroupNorm(nn.Module):
   :func:`jaxbn.group_norm` (exact where Flax's fast variance cancels). Give
   ``num_groups`` or ``group_size`` (then ``num_groups=None``);
   ``reduction_axes`` limits the statistics to some axes (it must include the
-  last). ``axis_name`` (cross-device statistics) is not supported.
+  last). ``axis_name`` pools the statistics over a mapped axis, exactly (by count).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -326,7 +327,6 @@ class GroupNorm(nn.Module):
   @nn.compact
   def __call__(self, x, *, mask: jax.Array | None = None):
     """Normalizes each group of channels of each example of ``x``."""
-    _flax_common.check_no_axis_name('GroupNorm', self.axis_name)
     x = jnp.asarray(x)
     # Check the group layout before creating parameters, as Flax does.
     _flax_common.group_norm_layout(x.shape, self.num_groups, self.group_size,
@@ -335,7 +335,8 @@ class GroupNorm(nn.Module):
     return _flax_common.group_norm_call(
         x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
         reduction_axes=self.reduction_axes, epsilon=self.epsilon,
-        mask=_bool_mask(mask), dtype=out_dtype)
+        mask=_bool_mask(mask), dtype=out_dtype, axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups)
 
 
 class InstanceNorm(nn.Module):
@@ -343,8 +344,8 @@ class InstanceNorm(nn.Module):
 
   Statistics per example and per feature over every other axis but the
   batch axis 0, from :func:`jaxbn.instance_norm` (exact where Flax's fast
-  variance cancels). ``axis_name`` (cross-device statistics) is not
-  supported.
+  variance cancels). ``axis_name`` pools the statistics over a mapped axis,
+  exactly (by count).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -372,7 +373,6 @@ class InstanceNorm(nn.Module):
   @nn.compact
   def __call__(self, x, *, mask: jax.Array | None = None):
     """Normalizes each feature of each example of ``x``."""
-    _flax_common.check_no_axis_name('InstanceNorm', self.axis_name)
     x = jnp.asarray(x)
     axes = _checks.canonical_axes(self.feature_axes, x.ndim, 'feature_axes')
     if 0 in axes:
@@ -381,7 +381,9 @@ class InstanceNorm(nn.Module):
           'put the batch first (e.g. NHWC with feature_axes=-1).')
     scale, bias, out_dtype = _affine_params(self, x, tuple(x.shape[a] for a in axes))
     return instance_norm(x, scale, bias, feature_axes=axes, epsilon=self.epsilon,
-                         mask=_bool_mask(mask), dtype=out_dtype)
+                         mask=_bool_mask(mask), dtype=out_dtype,
+                         axis_name=self.axis_name,
+                         axis_index_groups=self.axis_index_groups)
 
 
 def apply_train(model: nn.Module, variables, *args, mutable=('batch_stats',), **kwargs):

@@ -333,8 +333,8 @@ class LayerNorm(nnx.Module):
   :func:`jaxbn.layer_norm`: exact where Flax's fast variance cancels
   (activations with a large mean). ``scale``/``bias`` Params of shape
   ``(num_features,)`` vary along ``feature_axes``. ``use_fast_variance`` is
-  accepted and changes nothing; ``axis_name`` (cross-device statistics) is
-  not supported.
+  accepted and changes nothing; ``axis_name`` pools the statistics over a
+  mapped axis, exactly (by count).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -368,7 +368,7 @@ class LayerNorm(nnx.Module):
       scale_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
   ):
     _checks.epsilon(epsilon)
-    _flax_common.check_no_axis_name('LayerNorm', axis_name)
+    _checks.axis_groups(axis_name, axis_index_groups)
     self.scale, self.bias = _affine_params(
         (num_features,), use_scale, use_bias, scale_init, bias_init,
         param_dtype, rngs, scale_metadata, bias_metadata)
@@ -399,7 +399,9 @@ class LayerNorm(nnx.Module):
     x, scale, bias, out_dtype = _promoted(self, x)
     return layer_norm(x, scale, bias, reduction_axes=self.reduction_axes,
                       feature_axes=self.feature_axes, epsilon=self.epsilon,
-                      mask=_bool_mask(mask), dtype=out_dtype)
+                      mask=_bool_mask(mask), dtype=out_dtype,
+                      axis_name=self.axis_name,
+                      axis_index_groups=self.axis_index_groups)
 
 
 class GroupNorm(nnx.Module):
@@ -409,7 +411,7 @@ class GroupNorm(nnx.Module):
   :func:`jaxbn.group_norm` (exact where Flax's fast variance cancels). Give
   ``num_groups`` or ``group_size`` (then ``num_groups=None``);
   ``reduction_axes`` limits the statistics to some axes (it must include the
-  last). ``axis_name`` (cross-device statistics) is not supported.
+  last). ``axis_name`` pools the statistics over a mapped axis, exactly (by count).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -445,7 +447,7 @@ class GroupNorm(nnx.Module):
       scale_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
   ):
     _checks.epsilon(epsilon)
-    _flax_common.check_no_axis_name('GroupNorm', axis_name)
+    _checks.axis_groups(axis_name, axis_index_groups)
     self.feature_axis = -1
     groups, _ = _flax_common.group_norm_layout(
         (num_features,), num_groups, group_size, None)
@@ -480,7 +482,8 @@ class GroupNorm(nnx.Module):
     return _flax_common.group_norm_call(
         x, scale, bias, num_groups=self.num_groups, group_size=None,
         reduction_axes=self.reduction_axes, epsilon=self.epsilon,
-        mask=_bool_mask(mask), dtype=out_dtype)
+        mask=_bool_mask(mask), dtype=out_dtype, axis_name=self.axis_name,
+        axis_index_groups=self.axis_index_groups)
 
 
 class InstanceNorm(nnx.Module):
@@ -488,8 +491,8 @@ class InstanceNorm(nnx.Module):
 
   Statistics per example and per feature over every other axis but the
   batch axis 0, from :func:`jaxbn.instance_norm` (exact where Flax's fast
-  variance cancels). ``axis_name`` (cross-device statistics) is not
-  supported.
+  variance cancels). ``axis_name`` pools the statistics over a mapped axis,
+  exactly (by count).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -522,7 +525,7 @@ class InstanceNorm(nnx.Module):
       scale_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
   ):
     _checks.epsilon(epsilon)
-    _flax_common.check_no_axis_name('InstanceNorm', axis_name)
+    _checks.axis_groups(axis_name, axis_index_groups)
     # Flax's InstanceNorm stores a plain (static) None for a missing param.
     self.scale, self.bias = _affine_params(
         (num_features,), use_scale, use_bias, scale_init, bias_init,
@@ -553,7 +556,8 @@ class InstanceNorm(nnx.Module):
     x, scale, bias, out_dtype = _promoted(self, x)
     return instance_norm(x, scale, bias, feature_axes=self.feature_axes,
                          epsilon=self.epsilon, mask=_bool_mask(mask),
-                         dtype=out_dtype)
+                         dtype=out_dtype, axis_name=self.axis_name,
+                         axis_index_groups=self.axis_index_groups)
 
 
 # Helpers are plain functions, not methods: nnx.tabulate records every method

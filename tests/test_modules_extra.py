@@ -408,9 +408,60 @@ def test_norms_under_jit_and_errors():
     jaxbn.nnx.GroupNorm(6, num_groups=4, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match='exactly one'):
     jaxbn.nnx.GroupNorm(6, num_groups=3, group_size=2, rngs=nnx.Rngs(0))
-  with pytest.raises(NotImplementedError, match='axis_name'):
-    jaxbn.nnx.LayerNorm(6, axis_name='batch', rngs=nnx.Rngs(0))
-  with pytest.raises(NotImplementedError, match='axis_name'):
-    jaxbn.linen.InstanceNorm(axis_name='batch').init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match='needs axis_name'):
+    jaxbn.nnx.LayerNorm(6, axis_index_groups=[[0]], rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='needs axis_name'):
+    jaxbn.linen.InstanceNorm(axis_index_groups=[[0]]).init(jax.random.key(0), x)
   with pytest.raises(ValueError, match='batch axis'):
     jaxbn.linen.InstanceNorm(feature_axes=0).init(jax.random.key(0), x)
+
+
+# --------------------------------------------------------------------------
+# axis_name on the stateless norms: same results as Flax's classes
+
+
+@pytest.mark.parametrize('name, kwargs', [
+    ('LayerNorm', {}),
+    ('GroupNorm', dict(num_groups=2)),
+    ('InstanceNorm', {}),
+])
+def test_nnx_stateless_norms_pool_over_axis_name_like_flax(name, kwargs):
+  # (devices, batch, rows, features): each device holds 2 rows of an image.
+  x = _data((3, 2, 2, 4), seed=30)
+  layers = {lib: getattr(lib, name)(4, axis_name='rows', **kwargs,
+                                    **_random_affine_inits(), rngs=nnx.Rngs(0))
+            for lib in (jaxbn.nnx, nnx)}
+  if name == 'LayerNorm':  # over rows and features of each example
+    for layer in layers.values():
+      layer.reduction_axes = (-2, -1)
+
+  @nnx.vmap(in_axes=(None, 0), axis_name='rows')
+  def apply(layer, x):
+    return layer(x)
+
+  ours, theirs = apply(layers[jaxbn.nnx], x), apply(layers[nnx], x)
+  np.testing.assert_allclose(ours, theirs, **FLAX_TOL)
+  # Pooled: the same as one device holding all the rows.
+  single = getattr(jaxbn.nnx, name)(4, **kwargs, **_random_affine_inits(),
+                                    rngs=nnx.Rngs(0))
+  if name == 'LayerNorm':
+    single.reduction_axes = (-2, -1)
+  whole = jnp.concatenate(list(x), axis=1)
+  np.testing.assert_allclose(jnp.concatenate(list(ours), axis=1), single(whole),
+                             **FLAX_TOL)
+
+
+@pytest.mark.parametrize('cls', ['LayerNorm', 'GroupNorm', 'InstanceNorm'])
+def test_linen_stateless_norms_pool_over_axis_name_like_flax(cls):
+  x = _data((3, 2, 2, 4), seed=31)
+  kwargs = dict(num_groups=2) if cls == 'GroupNorm' else {}
+  if cls == 'LayerNorm':
+    kwargs['reduction_axes'] = (-2, -1)
+  ours = getattr(jaxbn.linen, cls)(axis_name='rows', **kwargs)
+  theirs = getattr(nn, cls)(axis_name='rows', **kwargs)
+  variables = jax.vmap(lambda x: ours.init(jax.random.key(0), x), axis_name='rows',
+                       out_axes=None)(x)
+  variables = jax.tree.map(lambda v: v + jnp.arange(v.size).reshape(v.shape) * 0.1,
+                           variables)
+  apply = lambda m: jax.vmap(lambda x: m.apply(variables, x), axis_name='rows')(x)
+  np.testing.assert_allclose(apply(ours), apply(theirs), **FLAX_TOL)

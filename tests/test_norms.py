@@ -246,3 +246,68 @@ def test_gradients_are_exact_in_float64():
 def test_docstring_examples():
   result = doctest.testmod(_norms, optionflags=doctest.NORMALIZE_WHITESPACE)
   assert result.attempted >= 3 and result.failed == 0
+
+
+# --------------------------------------------------------------------------
+# axis_name: the reduced axes split over the devices of a mapped axis
+
+
+def _shards(x, axis, devices):
+  """``x`` split into ``devices`` equal parts along ``axis``, stacked first."""
+  return np.stack(np.split(x, devices, axis=axis))
+
+
+def _unshard(ys, axis):
+  return np.concatenate(list(np.asarray(ys)), axis=axis)
+
+
+def test_layer_norm_with_features_split_over_devices():
+  x = _data((5, 12), seed=20, offset=4.0)
+  scale, bias = _params((12,))
+  # Uneven masks: device 0 keeps fewer features of each example than the
+  # others, so a mean of per-device means would be wrong.
+  mask = np.ones((5, 12), bool)
+  mask[:, :2] = False
+  mask[3, 5] = False
+  f = jax.vmap(lambda x, s, b, m: layer_norm(x, s, b, mask=m, axis_name='model'),
+               axis_name='model')
+  ys = f(_shards(x, 1, 3), _shards(scale, 0, 3), _shards(bias, 0, 3),
+         _shards(mask, 1, 3))
+  expected = np_norm(x, (1,), scale, bias, mask=mask)
+  y = _unshard(ys, 1)
+  np.testing.assert_allclose(y[mask], expected[mask], **F32_TOL)
+
+
+@pytest.mark.parametrize('fn', ['group', 'instance'])
+def test_spatially_split_images_normalize_as_one(fn):
+  x = _data((2, 8, 5, 6), seed=21, offset=-2.0)
+  if fn == 'group':
+    norm = lambda x, **k: group_norm(x, num_groups=3, **k)
+    reference = lambda x: np_group_norm(x, 3)
+  else:
+    norm = instance_norm
+    reference = lambda x: np_norm(x, (1, 2))
+  # The rows of every image split over 4 devices.
+  rows = _shards(x, 1, 4)
+  whole = jax.vmap(lambda x: norm(x, axis_name='rows'), axis_name='rows')
+  np.testing.assert_allclose(_unshard(whole(rows), 1), reference(x), **F32_TOL)
+  if jax.device_count() < 4:
+    pytest.skip('axis_index_groups need pmap over 4 devices (XLA_FLAGS in conftest.py)')
+  # Groups of 2 devices (pmap: vmap has no groups): each normalizes its own
+  # half of the image.
+  halves = jax.pmap(
+      lambda x: norm(x, axis_name='rows', axis_index_groups=[[0, 1], [2, 3]]),
+      axis_name='rows', devices=jax.devices()[:4])
+  top, bottom = np.split(x, 2, axis=1)
+  np.testing.assert_allclose(_unshard(halves(rows), 1),
+                             np.concatenate([reference(top), reference(bottom)], 1),
+                             **F32_TOL)
+
+
+def test_axis_index_groups_need_axis_name():
+  x = _data((2, 4, 6))
+  for call in (lambda: layer_norm(x, axis_index_groups=[[0]]),
+               lambda: instance_norm(x, axis_index_groups=[[0]]),
+               lambda: group_norm(x, num_groups=2, axis_index_groups=[[0]])):
+    with pytest.raises(ValueError, match='needs axis_name'):
+      call()
