@@ -204,18 +204,22 @@ def batch_norm(
   return y, new_state
 
 
-def normalize_masked(x, mask, mean, var, scale, bias, **kwargs):
-  """``normalize`` where masked-out entries cannot reach any gradient.
+def masked_apply(apply, x, mask):
+  """``apply(x)`` where masked-out entries cannot reach any gradient.
 
-  Their outputs are still the normalized inputs (as in Flax), but computed
-  behind ``stop_gradient``; the differentiable branch sees a zero instead, so
-  a NaN there never meets a zero cotangent (``0 * NaN`` is NaN).
+  Their outputs are still computed (as in Flax), but behind
+  ``stop_gradient``; the differentiable branch sees a zero instead, so a NaN
+  there never meets a zero cotangent (``0 * NaN`` is NaN).
   """
   if mask is None:
-    return normalize(x, mean, var, scale, bias, **kwargs)
-  live = normalize(jnp.where(mask, x, 0), mean, var, scale, bias, **kwargs)
-  dead = lax.stop_gradient(normalize(x, mean, var, scale, bias, **kwargs))
-  return jnp.where(mask, live, dead)
+    return apply(x)
+  live = apply(jnp.where(mask, x, 0))
+  return jnp.where(mask, live, lax.stop_gradient(apply(x)))
+
+
+def normalize_masked(x, mask, mean, var, scale, bias, **kwargs):
+  """``normalize`` through :func:`masked_apply`."""
+  return masked_apply(lambda x: normalize(x, mean, var, scale, bias, **kwargs), x, mask)
 
 
 def check_call(x, state, scale, bias, *, axis, momentum, epsilon, running_var,

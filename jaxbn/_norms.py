@@ -18,10 +18,9 @@ from __future__ import annotations
 import numbers
 
 import jax.numpy as jnp
-from jax import lax
 
 from jaxbn import _checks
-from jaxbn._functional import normalize
+from jaxbn._functional import masked_apply, normalize
 from jaxbn._moments import reduce_moments
 
 
@@ -140,7 +139,7 @@ def group_norm(x, scale=None, bias=None, *, num_groups=32, group_size=None,
                   epsilon=epsilon, dtype=_compute_dtype(x, stats.mean))
     return _affine(y.reshape(x.shape), scale, bias, (x.ndim - 1,))
 
-  return _masked(apply, x, mask).astype(dtype or x.dtype)
+  return masked_apply(apply, x, mask).astype(dtype or x.dtype)
 
 
 def _normalize_over(x, reduction_axes, scale, bias, feature_axes, *, epsilon,
@@ -153,19 +152,7 @@ def _normalize_over(x, reduction_axes, scale, bias, feature_axes, *, epsilon,
                   dtype=_compute_dtype(x, stats.mean))
     return _affine(y, scale, bias, feature_axes)
 
-  return _masked(apply, x, mask).astype(dtype or x.dtype)
-
-
-def _masked(apply, x, mask):
-  """``apply(x)`` where masked-out entries reach no gradient (NaN-safe).
-
-  Their outputs are still computed (as in Flax), behind ``stop_gradient``;
-  the differentiable branch sees zeros there, so ``0 * NaN`` never happens.
-  """
-  if mask is None:
-    return apply(x)
-  live = apply(jnp.where(mask, x, 0))
-  return jnp.where(mask, live, lax.stop_gradient(apply(x)))
+  return masked_apply(apply, x, mask).astype(dtype or x.dtype)
 
 
 def _affine(y, scale, bias, feature_axes):
