@@ -17,8 +17,9 @@ i.e. the exact mean and biased variance of every sample seen (for batches of
 equal size). Note it is not the plain average ``E_b[var_b]`` (which misses
 the spread of the batch means, ``Var_b(mu_b)``, about ``var / batch_size``).
 Batches are pooled exactly, with Chan et al.'s formula, count-weighted when
-the counts are known (:func:`precise_batch_stats` with ``Moments``) and
-equally weighted otherwise (the model-level helpers).
+the counts are known (:func:`precise_batch_stats` with ``Moments``,
+:func:`precise_bn_linen`) and equally weighted otherwise
+(:func:`precise_bn_nnx`).
 
 Which inputs the layers see: later layers see earlier ones normalized with
 batch statistics (training mode), as during training.
@@ -32,6 +33,7 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 
+from jaxbn._functional import moments
 from jaxbn._moments import Moments
 from jaxbn._moments import pool_moments
 
@@ -210,15 +212,17 @@ def precise_bn_linen(module, variables, batches: Iterable, *,
   **apply_kwargs)`` (jitted) over ``num_batches`` batches; pass what puts the
   batch norms in training mode, e.g. ``train=True``. Each batch is the first
   positional argument: map ``(x, y)`` pairs to inputs first, e.g.
-  ``(x for x, _ in loader)``. Each batch counts once: use batches of equal
-  size.
+  ``(x for x, _ in loader)``. Batches may differ in size: every sample
+  counts once.
 
-  How the batch statistics are read: every batch norm (a module with
-  ``mean`` and ``var`` in ``batch_stats`` and a ``momentum`` attribute,
-  ``flax.linen.BatchNorm`` or ``jaxbn.linen.BatchNorm``) starts each batch
-  from zeroed statistics, so its update ``momentum * 0 + (1 - momentum) *
-  batch`` gives the batch statistics back exactly after dividing by
-  ``1 - momentum``. Layers that are not called keep their statistics.
+  Every batch norm (a module with ``mean`` and ``var`` in ``batch_stats``:
+  ``flax.linen.BatchNorm``, ``jaxbn.linen.BatchNorm``, ``BatchRenorm``)
+  called in training mode gets the exact statistics of its inputs (with its
+  ``mask``) over all batches; the model runs with its variables unchanged,
+  so a batch renorm corrects towards its trained running statistics, as in
+  training. The variance is biased unless the layer keeps
+  ``running_var='unbiased'``. Layers that are not called, or only with
+  running averages, keep their statistics; so do step counts.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn
@@ -244,48 +248,53 @@ def precise_bn_linen(module, variables, batches: Iterable, *,
     raise TypeError("precise_bn_linen sets mutable=['batch_stats'] itself; drop mutable=.")
   stats = variables['batch_stats']
   paths = _linen_batch_norm_paths(stats)
-  zeroed = _set_at(stats, paths, lambda node: jax.tree.map(jnp.zeros_like, node))
-  start = {**variables, 'batch_stats': zeroed}
-  momenta = {}
+  unbiased = set()
+  captured = {}
 
-  def intercept(next_fun, args, kwargs, context):
-    mod = context.module
-    if context.method_name == '__call__' and tuple(mod.path) in paths and hasattr(mod, 'momentum'):
-      momenta[tuple(mod.path)] = mod.momentum
+  def capture(next_fun, args, kwargs, context):
+    mod, path = context.module, tuple(context.module.path)
+    if context.method_name == '__call__' and path in paths and _linen_training(mod, args, kwargs):
+      m = moments(args[0], axis=getattr(mod, 'axis', -1), mask=kwargs.get('mask'))
+      captured[path] = merge_moments(captured[path], m) if path in captured else m
+      if getattr(mod, 'running_var', 'biased') == 'unbiased':
+        unbiased.add(path)
     return next_fun(*args, **kwargs)
 
   @jax.jit
   def batch_stats(batch):
-    _, updates = module.apply(start, batch, mutable=['batch_stats'], **apply_kwargs)
-    return updates['batch_stats']
+    # Filled while tracing: the compiled function returns what was captured.
+    captured.clear()
+    with nn.intercept_methods(capture):
+      module.apply(variables, batch, mutable=['batch_stats'], **apply_kwargs)
+    return dict(captured)
 
   totals = None
-  with nn.intercept_methods(intercept):
-    for batch in _take(batches, num_batches):
-      new = batch_stats(batch)
-      per_layer = {p: _linen_moments(_get(new, p), momenta.get(p)) for p in paths}
-      totals = per_layer if totals is None else {
-          p: merge_moments(totals[p], per_layer[p]) for p in paths}
+  for batch in _take(batches, num_batches):
+    per_layer = batch_stats(batch)
+    totals = per_layer if totals is None else {
+        p: merge_moments(totals[p], per_layer[p]) for p in totals}
   if totals is None:
     raise ValueError('precise_bn_linen got no batches; pass a non-empty iterable.')
 
   def write(path, node):
-    if path not in momenta:  # never called: nothing measured
+    if path not in totals:  # not trained on: nothing measured
       return node
     total = totals[path]
+    var = total.var
+    if path in unbiased:
+      var = var * total.count / jnp.maximum(total.count - 1, 1)
     return {**node, 'mean': total.mean.astype(node['mean'].dtype),
-            'var': total.var.astype(node['var'].dtype)}
+            'var': var.astype(node['var'].dtype)}
 
   return {**variables, 'batch_stats': _set_at(stats, paths, write, with_path=True)}
 
 
-def _linen_moments(node, momentum) -> Moments:
-  rate = 1.0 if momentum is None else 1.0 - momentum
-  if rate <= 0:
-    raise ValueError(
-        'a batch norm has momentum=1.0, so its statistics never see a batch; '
-        'precise BN needs momentum < 1.')
-  return _as_moments(_Stats(node['mean'] / rate, node['var'] / rate))
+def _linen_training(mod, args, kwargs) -> bool:
+  """Whether a Linen batch norm's call uses batch statistics."""
+  flag = args[1] if len(args) > 1 else kwargs.get('use_running_average')
+  if flag is None:
+    flag = getattr(mod, 'use_running_average', None)
+  return not flag
 
 
 def _linen_batch_norm_paths(stats, path=()) -> set:

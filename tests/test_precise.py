@@ -270,10 +270,6 @@ def test_linen_uncalled_layers_keep_their_stats_and_errors():
     precise_bn_linen(model, {'params': variables.get('params', {})}, xs)
   with pytest.raises(TypeError, match='drop mutable'):
     precise_bn_linen(model, variables, xs, mutable=True)
-  frozen = nn.BatchNorm(use_running_average=False, momentum=1.0)
-  v = frozen.init(jax.random.key(0), jnp.ones((2, 3)))
-  with pytest.raises(ValueError, match='momentum < 1'):
-    precise_bn_linen(frozen, v, xs)
 
 
 @pytest.mark.parametrize('momentum', [0.9, None])
@@ -299,6 +295,44 @@ def test_jaxbn_linen_batch_norm(momentum):
   np.testing.assert_allclose(stats['var'], var, **F32_TOL)
   if momentum is None:
     assert int(stats['count']) == 1
+
+
+def test_linen_renorm_corrects_towards_its_trained_statistics():
+  import jaxbn.linen as jlinen
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      h = jlinen.BatchRenorm(use_running_average=not train, r_max=3.0, d_max=5.0,
+                             running_var='unbiased', name='renorm')(nn.Dense(4)(x))
+      z = nn.Dense(3)(h)
+      self.sow('intermediates', 'z', z)
+      return nn.BatchNorm(use_running_average=not train, name='bn')(z)
+
+  net = Net()
+  variables = net.init(jax.random.key(0), jnp.ones((2, 3)))
+  # Running statistics far from the batches' (shifted data), so that the
+  # corrections r and d are far from 1 and 0 and clip.
+  for x in _batches(3, seed=13):
+    _, upd = net.apply(variables, 4.0 * x + 10.0, train=True, mutable=['batch_stats'])
+    variables = {**variables, **upd}
+  xs = _batches(4, size=16, seed=14) + _batches(1, size=48, seed=15)
+  new = precise_bn_linen(net, variables, xs, train=True)
+  # What the layers see in training mode with the trained variables.
+  zs, hs = [], []
+  for x in xs:
+    _, state = net.apply(variables, x, train=True, mutable=['batch_stats', 'intermediates'])
+    zs.append(np.asarray(state['intermediates']['z'][0], np.float64))
+    k = np.asarray(variables['params']['Dense_0']['kernel'], np.float64)
+    hs.append(np.asarray(x, np.float64) @ k + np.asarray(variables['params']['Dense_0']['bias']))
+  stats = new['batch_stats']
+  mean, var = np_pooled(zs)
+  np.testing.assert_allclose(stats['bn']['mean'], mean, **F32_TOL)
+  np.testing.assert_allclose(stats['bn']['var'], var, **F32_TOL)
+  mean, var = np_pooled(hs)
+  n = sum(len(h) for h in hs)
+  np.testing.assert_allclose(stats['renorm']['mean'], mean, **F32_TOL)
+  np.testing.assert_allclose(stats['renorm']['var'], var * n / (n - 1), **F32_TOL)
 
 
 def test_docstring_examples():
