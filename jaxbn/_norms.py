@@ -61,8 +61,7 @@ def layer_norm(x, scale=None, bias=None, *, reduction_axes=-1, feature_axes=-1,
                   axis_index_groups)
   return _normalize_over(x, reduction_axes, scale, bias, feature_axes,
                          epsilon=epsilon, mask=mask, dtype=dtype,
-                         sync=dict(axis_name=axis_name,
-                                   axis_index_groups=axis_index_groups))
+                         axis_name=axis_name, axis_index_groups=axis_index_groups)
 
 
 def instance_norm(x, scale=None, bias=None, *, feature_axes=-1, epsilon=1e-6,
@@ -92,8 +91,7 @@ def instance_norm(x, scale=None, bias=None, *, feature_axes=-1, epsilon=1e-6,
                   axis_index_groups)
   return _normalize_over(x, reduction_axes, scale, bias, feature_axes,
                          epsilon=epsilon, mask=mask, dtype=dtype,
-                         sync=dict(axis_name=axis_name,
-                                   axis_index_groups=axis_index_groups))
+                         axis_name=axis_name, axis_index_groups=axis_index_groups)
 
 
 def group_norm(x, scale=None, bias=None, *, num_groups=32, group_size=None,
@@ -143,8 +141,9 @@ def group_norm(x, scale=None, bias=None, *, num_groups=32, group_size=None,
 
 
 def _normalize_over(x, reduction_axes, scale, bias, feature_axes, *, epsilon,
-                    mask, dtype, sync):
-  stats = reduce_moments(x, reduction_axes, mask=mask, **sync)
+                    mask, dtype, axis_name, axis_index_groups):
+  stats = reduce_moments(x, reduction_axes, mask=mask, axis_name=axis_name,
+                         axis_index_groups=axis_index_groups)
   kept = tuple(a for a in range(x.ndim) if a not in reduction_axes)
 
   def apply(x):

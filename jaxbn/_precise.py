@@ -286,7 +286,7 @@ def precise_bn_linen(module, variables, batches: Iterable, *,
     return {**node, 'mean': total.mean.astype(node['mean'].dtype),
             'var': var.astype(node['var'].dtype)}
 
-  return {**variables, 'batch_stats': _set_at(stats, paths, write, with_path=True)}
+  return {**variables, 'batch_stats': _set_at(stats, paths, write)}
 
 
 def _linen_training(mod, args, kwargs) -> bool:
@@ -308,15 +308,10 @@ def _linen_batch_norm_paths(stats, path=()) -> set:
   return found
 
 
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def _set_at(tree, paths, fn, with_path=False, path=()):
+def _set_at(tree, paths, fn, path=()):
+  """``tree`` with each node at one of ``paths`` replaced by ``fn(path, node)``."""
   if path in paths:
-    return fn(path, tree) if with_path else fn(tree)
+    return fn(path, tree)
   if not hasattr(tree, 'items'):
     return tree
-  return {k: _set_at(v, paths, fn, with_path, path + (k,)) for k, v in tree.items()}
+  return {k: _set_at(v, paths, fn, path + (k,)) for k, v in tree.items()}
