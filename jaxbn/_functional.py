@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _checks
-from jaxbn._moments import Moments, reduce_moments, stats_dtype
+from jaxbn._moments import Moments, centre, reduce_moments, stats_dtype
 from jaxbn._state import BatchNormState
 
 
@@ -196,10 +196,17 @@ def batch_norm(
   reduction_axes = _checks.complement_axes(feature_axes, x.ndim)
   if mask is None and axis_name is None:
     _checks.more_than_one_value(x.shape, reduction_axes)
-  batch = reduce_moments(x, reduction_axes, mask=mask, axis_name=axis_name,
-                         axis_index_groups=axis_index_groups)
-  y = normalize_masked(x, mask, batch.mean, batch.var, scale, bias,
-                        axis=feature_axes, epsilon=epsilon, dtype=dtype)
+  if mask is None and x.dtype != stats_dtype(x.dtype):
+    centred, origin = centre(x, reduction_axes)
+    batch = reduce_moments(centred, reduction_axes, origin=origin, axis_name=axis_name,
+                           axis_index_groups=axis_index_groups)
+    y = normalize(centred, batch.mean - origin, batch.var, scale, bias,
+                  axis=feature_axes, epsilon=epsilon, dtype=dtype or x.dtype)
+  else:
+    batch = reduce_moments(x, reduction_axes, mask=mask, axis_name=axis_name,
+                           axis_index_groups=axis_index_groups)
+    y = normalize_masked(x, mask, batch.mean, batch.var, scale, bias,
+                          axis=feature_axes, epsilon=epsilon, dtype=dtype)
   new_state = update_state(state, batch, momentum=momentum, running_var=running_var)
   return y, new_state
 

@@ -13,6 +13,8 @@ deviations from the mean at worst, so the statistics need one read of ``x``.
 With a mask the first sample may be masked out (and hold NaN), so ``c`` is
 the masked mean from a first pass: the corrected two-pass algorithm, whose
 ``sum(x - c)`` term also cancels the rounding error of that first mean.
+Narrow inputs (bfloat16, float16) are widened and centred on ``c`` in one
+step (:func:`centre`), and that copy is normalized too.
 
 Cross-device. Each device reduces its own ``(n_i, mean_i, M2_i)``; a single
 ``all_gather`` of that small per-feature triple lets every device combine
@@ -59,15 +61,23 @@ def reduce_moments(
     mask: jax.Array | None = None,
     axis_name=None,
     axis_index_groups=None,
+    origin=None,
 ) -> Moments:
   """Moments of ``x`` over ``reduction_axes``; the kept axes stay in order.
 
   ``mask`` must already have ``x``'s shape. With ``axis_name`` the result
-  covers every device of the named axis (or of its group).
+  covers every device of the named axis (or of its group). ``origin``
+  (unmasked only) says ``x`` is already centred, as :func:`centre` returns
+  it: the sums need no shift, and the mean has ``origin`` added back.
   """
   kept_shape = tuple(d for i, d in enumerate(x.shape) if i not in reduction_axes)
   x = x.astype(stats_dtype(x.dtype))
   real = jnp.finfo(x.dtype).dtype
+  if origin is not None:
+    local = _moments_of_sums(jnp.sum(x, axis=reduction_axes),
+                             jnp.sum(_abs2(x), axis=reduction_axes),
+                             _size(x.shape, reduction_axes), origin)
+    return _maybe_pool(local, axis_name, axis_index_groups)
   if mask is None:
     count = jnp.full(kept_shape, _size(x.shape, reduction_axes), real)
     shift = _first_sample(x, reduction_axes)
@@ -87,10 +97,36 @@ def reduce_moments(
     centred = jnp.where(mask, x - shift, 0)
     s1 = jnp.sum(centred, axis=reduction_axes)
     s2 = jnp.sum(_abs2(centred), axis=reduction_axes)
+  local = _moments_of_sums(s1, s2, count, shift.reshape(kept_shape))
+  return _maybe_pool(local, axis_name, axis_index_groups)
+
+
+def centre(x, reduction_axes):
+  """``(x - c, c)`` in the statistics dtype, ``c`` the first sample of each feature.
+
+  For inputs narrower than their statistics (bfloat16, float16): the one
+  widened copy every reduction needs is then also centred, so it serves the
+  moments (``reduce_moments(..., origin=c)``) and the normalization alike
+  instead of sitting beside a second, centred copy. The difference of two
+  narrow numbers of similar magnitude is exact in the wider dtype. ``c`` is
+  constant for differentiation.
+  """
+  x = x.astype(stats_dtype(x.dtype))
+  origin = lax.stop_gradient(_first_sample(x, reduction_axes))
+  kept_shape = tuple(d for i, d in enumerate(x.shape) if i not in reduction_axes)
+  return x - origin, origin.reshape(kept_shape)
+
+
+def _moments_of_sums(s1, s2, count, shift) -> Moments:
+  """Moments from the sums of ``x - shift`` and of its squares."""
   safe_count = jnp.maximum(count, 1.0)
-  mean = shift.reshape(kept_shape) + s1 / safe_count
+  mean = shift + s1 / safe_count
   m2 = jnp.maximum(s2 - _abs2(s1) / safe_count, 0.0)
-  local = Moments(mean=mean, var=m2 / safe_count, count=count)
+  count = jnp.broadcast_to(jnp.asarray(count, m2.dtype), m2.shape)
+  return Moments(mean=mean, var=m2 / safe_count, count=count)
+
+
+def _maybe_pool(local: Moments, axis_name, axis_index_groups) -> Moments:
   if axis_name is None:
     return local
   return _pool_across(local, axis_name, axis_index_groups)

@@ -135,6 +135,65 @@ def test_low_precision_in_same_dtype_out_stats_in_float32(dtype):
   np.testing.assert_allclose(np.asarray(y, np.float32), ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize('dtype,offset,std', [
+    (jnp.float16, 1000.0, 4.0),    # float16 spacing at 1000: 0.5
+    (jnp.bfloat16, 300.0, 6.0),    # bfloat16 spacing at 300: 2
+])
+def test_low_precision_far_from_zero_keeps_exact_statistics_and_gradients(dtype, offset, std):
+  # |mean| / std of 50-250: E[x^2] - E[x]^2 would lose 11-16 of float32's
+  # 24 bits. Every number is checked against float64 on the values seen.
+  x = jnp.asarray(_data((4, 6, 6, 8), seed=1, offset=offset, std=std), dtype)
+  # The cotangent reaches the normalization in the output dtype: use values
+  # that dtype holds exactly.
+  g = np.asarray(jnp.asarray(_data(x.shape, seed=2, offset=0.0, std=1.0), dtype), np.float32)
+  scale, bias = _data((8,), seed=3), _data((8,), seed=4)
+
+  def loss(x, scale, bias):
+    y, new = jaxbn.batch_norm(x, jaxbn.init_state(8), scale, bias, training=True,
+                              momentum=0.0, epsilon=1e-5)
+    return jnp.sum(y.astype(jnp.float32) * g), (y, new)
+
+  (dx, dscale, dbias), (y, new) = jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True))(
+      x, scale, bias)
+  assert y.dtype == dtype and dx.dtype == dtype
+  xs = np.asarray(x.astype(jnp.float32), np.float64)
+  mean, var, n = np_moments(xs, (3,))
+  np.testing.assert_allclose(new.mean, mean, rtol=1e-6)
+  np.testing.assert_allclose(new.var, var, rtol=1e-5)
+  x_hat = (xs - mean) / np.sqrt(var + 1e-5)
+  g64 = g.astype(np.float64)
+  red = (0, 1, 2)
+  ref_dbias = g64.sum(red)
+  ref_dscale = (g64 * x_hat).sum(red)
+  # d/dx of sum(g * (scale * x_hat + bias)), the textbook closed form.
+  ref_dx = scale / np.sqrt(var + 1e-5) / n * (n * g64 - ref_dbias - x_hat * ref_dscale)
+  np.testing.assert_allclose(dbias, ref_dbias, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(dscale, ref_dscale, rtol=1e-5, atol=1e-4)
+  # y and dx are rounded to the input dtype at the end: 8 (bfloat16) or 11
+  # (float16) bits of mantissa, relative to the largest value.
+  tol = 2.0 ** -7 if dtype == jnp.bfloat16 else 2.0 ** -10
+  ref_y = np_normalize(xs, mean, var, scale, bias, (3,), 1e-5)
+  np.testing.assert_allclose(np.asarray(y, np.float64), ref_y, rtol=tol, atol=tol * 4)
+  dx = np.asarray(dx, np.float64)
+  np.testing.assert_allclose(dx, ref_dx, rtol=tol, atol=tol * np.abs(ref_dx).max())
+
+
+def test_low_precision_statistics_pool_across_devices():
+  # Each device centres its bfloat16 shard on its own first sample; the
+  # pooled statistics and outputs must equal those of the whole batch.
+  x = jnp.asarray(_data((8, 5), offset=40.0), jnp.bfloat16)
+  whole, whole_state = jaxbn.batch_norm(x, jaxbn.init_state(5), training=True, momentum=0.0)
+
+  def shard(x):
+    return jaxbn.batch_norm(x, jaxbn.init_state(5), training=True, momentum=0.0,
+                            axis_name='d')
+  y, state = jax.vmap(shard, axis_name='d')(x.reshape(2, 4, 5))
+  np.testing.assert_allclose(np.asarray(y.reshape(8, 5), np.float32),
+                             np.asarray(whole, np.float32), atol=2.0 ** -7 * 4)
+  np.testing.assert_allclose(state.mean[0], whole_state.mean, rtol=1e-6)
+  np.testing.assert_allclose(state.var[0], whole_state.var, rtol=1e-5)
+
+
 def test_float64_input_accumulates_in_float64():
   with jax.enable_x64(True):
     x = np.random.default_rng(0).standard_normal((32, 3)) * 1e-3 + 1e4

@@ -44,7 +44,14 @@ def test_invariant_to_per_feature_shift_and_positive_scale(case):
                            training=True, axis=axis, epsilon=0.0)
   y1, _ = jaxbn.batch_norm(jnp.asarray(x), jaxbn.init_state(x.shape[axis]),
                            training=True, axis=axis, epsilon=0.0)
-  np.testing.assert_allclose(y2, y1, **TOL)
+  # Rounding ``x * scale + shift`` to float32 moves each input by up to
+  # eps * |x * scale + shift|, i.e. by that over ``scale * std`` in the
+  # output: large when a few samples happen to lie close together.
+  reduced = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+  std = x.std(axis=reduced, keepdims=True, dtype=np.float64)
+  rounding = np.finfo(np.float32).eps * np.max(
+      np.abs(x * scale + shift), axis=reduced, keepdims=True) / (scale * std)
+  assert np.all(np.abs(np.asarray(y2) - np.asarray(y1)) <= TOL['atol'] + 4 * rounding)
   assert y.shape == x.shape
 
 
