@@ -5,16 +5,26 @@ This module holds the statistics math for every normalization in jaxbn.
 Algorithm: shifted sums. For a per-feature constant ``c`` close to the mean,
 ``M2 = sum((x - c)^2) - sum(x - c)^2 / n`` loses only the bits of
 ``(mean - c)^2 / var``, whatever the offset of the data, whereas
-``E[x^2] - E[x]^2`` (Flax's default ``use_fast_variance=True``) loses
-``2 * log2(|mean| / std)`` bits and is wrong by more than 1e-3 in float32
-from ``|mean| / std`` of about 100 (``tests/test_moments.py`` measures it).
-Without a mask ``c`` is the first sample of each feature, a few standard
-deviations from the mean at worst, so the statistics need one read of ``x``.
-With a mask the first sample may be masked out (and hold NaN), so ``c`` is
-the masked mean from a first pass: the corrected two-pass algorithm, whose
-``sum(x - c)`` term also cancels the rounding error of that first mean.
-Narrow inputs (bfloat16, float16) are widened and centred on ``c`` in one
-step (:func:`centre`), and that copy is normalized too.
+``E[x^2] - E[x]^2`` (Flax's default ``use_fast_variance=True``, ``c = 0``)
+loses ``log2(1 + mean^2 / var)`` bits and is wrong by more than 1e-3 in
+float32 from ``|mean| / std`` of about 100 (``tests/test_moments.py``
+measures it). Without a mask, the shift depends on the backend:
+
+- CPU: ``c = 0`` where that is safe. Pure sums are what XLA:CPU reduces
+  fastest, so the plain sums come first; if any feature has
+  ``|mean| > 4 std`` (more than ~4 bits lost), a second pass redoes the
+  sums about that mean (``lax.cond``: it costs nothing on centred data).
+- GPU/TPU: ``c`` is the first sample of each feature, a few standard
+  deviations from the mean unless it is an outlier: one read of ``x``, as
+  a branch would cost a host round trip there.
+
+Either way the derivative is the exact one (a ``custom_jvp``), not that of
+the algorithm. With a mask the first sample may be masked out (and hold
+NaN), so ``c`` is the masked mean from a first pass: the corrected two-pass
+algorithm, whose ``sum(x - c)`` term also cancels the rounding error of
+that first mean. Narrow inputs (bfloat16, float16) are widened and centred
+on their first sample in one step (:func:`centre`), and that copy is
+normalized too.
 
 Cross-device. Each device reduces its own ``(n_i, mean_i, M2_i)``; a single
 ``all_gather`` of that small per-feature triple lets every device combine
@@ -26,11 +36,16 @@ to the global statistics (a ``pmean`` of per-device means does not).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+
+# Plain sums serve features with |mean|^2 <= CONDITION_LIMIT * var.
+CONDITION_LIMIT = 16.0
 
 
 class Moments(NamedTuple):
@@ -68,37 +83,86 @@ def reduce_moments(
   ``mask`` must already have ``x``'s shape. With ``axis_name`` the result
   covers every device of the named axis (or of its group). ``origin``
   (unmasked only) says ``x`` is already centred, as :func:`centre` returns
-  it: the sums need no shift, and the mean has ``origin`` added back.
+  it: the returned mean has ``origin`` added back.
   """
+  reduction_axes = tuple(reduction_axes)
   kept_shape = tuple(d for i, d in enumerate(x.shape) if i not in reduction_axes)
   x = x.astype(stats_dtype(x.dtype))
   real = jnp.finfo(x.dtype).dtype
-  if origin is not None:
-    local = _moments_of_sums(jnp.sum(x, axis=reduction_axes),
-                             jnp.sum(_abs2(x), axis=reduction_axes),
-                             _size(x.shape, reduction_axes), origin)
-    return _maybe_pool(local, axis_name, axis_index_groups)
   if mask is None:
+    mean, var = _unmasked_moments(x, reduction_axes)
     count = jnp.full(kept_shape, _size(x.shape, reduction_axes), real)
-    shift = _first_sample(x, reduction_axes)
+    local = Moments(mean=mean if origin is None else origin + mean, var=var, count=count)
   else:
     count = jnp.sum(mask, axis=reduction_axes, dtype=real)
     masked_sum = jnp.sum(jnp.where(mask, x, 0), axis=reduction_axes, keepdims=True)
-    shift = masked_sum / jnp.maximum(_expand(count, reduction_axes), 1.0)
-  # The variance does not depend on the shift, so it is a constant for
-  # differentiation and the gradients stay exact.
-  shift = lax.stop_gradient(shift)
-  if mask is None:
-    # Two subtractions XLA cannot merge into one: each then fuses into its
-    # own reduction and the centred array is never written to memory.
-    s1 = jnp.sum(x - shift, axis=reduction_axes)
-    s2 = jnp.sum(_abs2(x - lax.optimization_barrier(shift)), axis=reduction_axes)
-  else:
+    # The variance does not depend on the shift, so it is a constant for
+    # differentiation and the gradients stay exact.
+    shift = lax.stop_gradient(masked_sum / jnp.maximum(_expand(count, reduction_axes), 1.0))
     centred = jnp.where(mask, x - shift, 0)
-    s1 = jnp.sum(centred, axis=reduction_axes)
-    s2 = jnp.sum(_abs2(centred), axis=reduction_axes)
-  local = _moments_of_sums(s1, s2, count, shift.reshape(kept_shape))
-  return _maybe_pool(local, axis_name, axis_index_groups)
+    mean, var = _moments_of_sums(jnp.sum(centred, axis=reduction_axes),
+                                 jnp.sum(_abs2(centred), axis=reduction_axes),
+                                 count, shift.reshape(kept_shape))
+    local = Moments(mean=mean, var=var, count=count)
+  if axis_name is None:
+    return local
+  return _pool_across(local, axis_name, axis_index_groups)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _unmasked_moments(x, reduction_axes):
+  """``(mean, biased variance)`` of every entry; the algorithm suits the backend."""
+  return lax.platform_dependent(
+      x, cpu=functools.partial(_checked_fast_moments, reduction_axes=reduction_axes),
+      default=functools.partial(_shifted_moments, reduction_axes=reduction_axes))
+
+
+@_unmasked_moments.defjvp
+def _unmasked_moments_jvp(reduction_axes, primals, tangents):
+  # The exact derivative, whichever algorithm computed the primal:
+  # d mean = mean(dx), d var = 2 mean(Re(conj(x - mean) dx)).
+  (x,), (dx,) = primals, tangents
+  mean, var = _unmasked_moments(x, reduction_axes)
+  n = _size(x.shape, reduction_axes)
+  centred = x - _expand(mean, reduction_axes)
+  dmean = jnp.sum(dx, axis=reduction_axes) / n
+  dvar = 2.0 * jnp.sum(jnp.real(jnp.conj(centred) * dx), axis=reduction_axes) / n
+  return (mean, var), (dmean, dvar)
+
+
+def _checked_fast_moments(x, reduction_axes):
+  """Plain sums of ``x`` and ``|x|^2``; the shifted sums where they would lose bits.
+
+  ``E[|x|^2] - |E[x]|^2`` loses ``log2(1 + |mean|^2 / var)`` bits, so it is
+  kept only when every feature has ``|mean|^2 <= CONDITION_LIMIT * var``
+  (at most ~4 bits lost) and redone otherwise with the fast mean as the shift,
+  which loses almost nothing. Pure reductions are what XLA:CPU runs fastest,
+  and the second pass runs only for badly centred data (under ``vmap`` the
+  branch becomes a select, and both run).
+  """
+  n = _size(x.shape, reduction_axes)
+  mean, var = _moments_of_sums(jnp.sum(x, axis=reduction_axes),
+                               jnp.sum(_abs2(x), axis=reduction_axes), n, 0.0)
+  ill_conditioned = jnp.any(_abs2(mean) > CONDITION_LIMIT * var)
+  recentred = lambda mean: _moments_about(x, _expand(mean, reduction_axes), reduction_axes)
+  return lax.cond(ill_conditioned, recentred, lambda mean: (mean, var), mean)
+
+
+def _shifted_moments(x, reduction_axes):
+  """Moments about the first sample: one read of ``x``.
+
+  Loses the bits of ``|mean - c|^2 / var``; a few at most unless ``c`` is an outlier.
+  """
+  return _moments_about(x, _first_sample(x, reduction_axes), reduction_axes)
+
+
+def _moments_about(x, shift, reduction_axes):
+  """``(mean, var)`` from the sums of ``x - shift`` and ``|x - shift|^2``."""
+  # Two subtractions XLA cannot merge into one: each then fuses into its
+  # own reduction and the centred array is never written to memory.
+  s1 = jnp.sum(x - shift, axis=reduction_axes)
+  s2 = jnp.sum(_abs2(x - lax.optimization_barrier(shift)), axis=reduction_axes)
+  return _moments_of_sums(s1, s2, _size(x.shape, reduction_axes), shift.reshape(s1.shape))
 
 
 def centre(x, reduction_axes):
@@ -117,19 +181,12 @@ def centre(x, reduction_axes):
   return x - origin, origin.reshape(kept_shape)
 
 
-def _moments_of_sums(s1, s2, count, shift) -> Moments:
-  """Moments from the sums of ``x - shift`` and of its squares."""
+def _moments_of_sums(s1, s2, count, shift):
+  """``(mean, biased variance)`` from the sums of ``x - shift`` and ``|x - shift|^2``."""
   safe_count = jnp.maximum(count, 1.0)
   mean = shift + s1 / safe_count
   m2 = jnp.maximum(s2 - _abs2(s1) / safe_count, 0.0)
-  count = jnp.broadcast_to(jnp.asarray(count, m2.dtype), m2.shape)
-  return Moments(mean=mean, var=m2 / safe_count, count=count)
-
-
-def _maybe_pool(local: Moments, axis_name, axis_index_groups) -> Moments:
-  if axis_name is None:
-    return local
-  return _pool_across(local, axis_name, axis_index_groups)
+  return mean, m2 / safe_count
 
 
 def pool_moments(stacked: Moments, axis: int = 0) -> Moments:
