@@ -4,7 +4,8 @@ Sections (``--only``, comma-separated):
   bn     jaxbn (functional, Linen, NNX) vs Flax's BatchNorm, memory floor, XLA memory
   conv   the CNN's conv and pool layers: Flax vs train.conv (gradients)
   torch  BN forward+backward, JAX process vs PyTorch process
-  cnn    train's CNN step (Flax conv/pool, train.conv) vs the same net in PyTorch
+  cnn    train's CNN step (Flax conv/pool, train.conv) vs the same net in PyTorch,
+         and its convolutions alone
   alloc  the same worker processes under other glibc malloc settings (CPU)
   threads  the same worker processes pinned to one core (CPU)
   scaling  BN sync and train's CNN step against the number of (simulated) devices
@@ -97,7 +98,8 @@ def worker_jobs(only, quick: bool, repeats: int, backend: str) -> dict:
     """The worker processes the selected sections need, by row name."""
     from benchmarks.procs import ALLOCATOR_ENVS, Job
 
-    tasks = [task for section, task in (("torch", "bn"), ("cnn", "cnn")) if section in only]
+    tasks = [task for section, task in (("torch", "bn"), ("cnn", "cnn"), ("cnn", "layers"))
+             if section in only]
     cpu = backend == "cpu"
     allocator, threads = cpu and "alloc" in only, cpu and "threads" in only
     if not tasks and (allocator or threads):
@@ -141,6 +143,9 @@ def worker_tables(only, runs: dict) -> list[tuple[str, str]]:
     if "cnn" in only:
         out.append(("CNN train step (train/ default cnn): JAX variants vs PyTorch",
                     report.cnn_table(jax_run, torch_run, runs.get(TRAIN_JOB))))
+        if torch_run:
+            out.append(("CNN convolutions alone in separate processes: JAX (train.conv, "
+                        "train's compiler options) vs PyTorch", report.layers_table(jax_run, torch_run)))
     if any(", " in name for name in runs):  # processes under other settings
         out.append(("Worker process settings: glibc malloc, one core",
                     report.settings_table(runs)))

@@ -124,7 +124,7 @@ def run_steps(quick: bool, repeats: int) -> dict:
 # single layers
 
 
-def _conv_case(module_cls, x_shape, cout, wrt_input):
+def _conv_case(module_cls, x_shape, cout, wrt_input, compiler_options=None):
     layer = module_cls(x_shape[-1], cout, (3, 3), padding="SAME", use_bias=False,
                        rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(layer)
@@ -133,7 +133,8 @@ def _conv_case(module_cls, x_shape, cout, wrt_input):
 
     def loss(params, x):
         return jnp.sum(nnx.merge(graphdef, params)(x) * g)
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1) if wrt_input else 0))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1) if wrt_input else 0),
+                   compiler_options=compiler_options)
     return lambda: jax.block_until_ready(grad(params, x))
 
 
@@ -171,3 +172,20 @@ def layer_table(results: dict) -> str:
     rows = [[case, timing.ms(t["flax"]), timing.ms(t["train.conv"]),
              f"{t['flax'] / t['train.conv']:.2f}x"] for case, t in results.items()]
     return timing.table(["layer (jit(grad))", "flax", "train.conv", "speedup"], rows)
+
+
+def run_torch_comparable_layers(quick: bool, repeats: int) -> dict:
+    """train.conv's convolutions and a plain matmul, compiled as train's step is.
+
+    PyTorch's worker times the same layers (``batches.CONV_LAYERS``) and
+    matmul, so the step's gap can be placed layer by layer.
+    """
+    n = batch_size(quick)
+    options = steps.CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+    fns = {name: _conv_case(conv.Conv, (n,) + shape, cout, wrt_input, options)
+           for name, (shape, cout, wrt_input) in batches.CONV_LAYERS.items()}
+    m, k, n_out = batches.gemm_shape(n)
+    a, b = (jnp.asarray(batches.layer_input(s, shape)) for s, shape in ((1, (m, k)), (2, (k, n_out))))
+    matmul = jax.jit(jnp.matmul, compiler_options=options)
+    fns[batches.GEMM] = lambda: jax.block_until_ready(matmul(a, b))
+    return {name: {"seconds": t} for name, t in timing.medians(timing.interleave(fns, repeats)).items()}

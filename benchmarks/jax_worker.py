@@ -1,6 +1,6 @@
 """JAX side of the cross-framework comparisons, run in its own process.
 
-``python -m benchmarks.jax_worker '{"tasks": ["bn", "cnn"], "quick": false,
+``python -m benchmarks.jax_worker '{"tasks": ["bn", "cnn", "layers"], "quick": false,
 "repeats": 9}'`` prints one JSON line: per task, median seconds (and page
 faults per call, which show the allocator's share).
 """
@@ -31,7 +31,7 @@ def main(spec: dict) -> dict:
     procs.pin_cores(spec.get("cores"))
     if spec.get("train_malloc"):
         tune_malloc()  # as python -m train does
-    tasks = {"bn": bn_task, "cnn": cnn.run_steps}
+    tasks = {"bn": bn_task, "cnn": cnn.run_steps, "layers": cnn.run_torch_comparable_layers}
     out = {"backend": jax.default_backend()}
     for task in spec["tasks"]:
         out[task] = tasks[task](spec["quick"], spec["repeats"])

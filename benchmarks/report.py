@@ -87,6 +87,20 @@ def cnn_table(jax_run: dict, torch_run: dict | None, train_run: dict | None = No
     return timing.table(headers, table_rows)
 
 
+def layers_table(jax_run: dict, torch_run: dict) -> str:
+    """train.conv's convolutions and XLA's matmul vs PyTorch's, per layer."""
+    torch_layers = torch_run["layers"]
+    rows = []
+    for name, r in jax_run["layers"].items():
+        # The matmul has no layout: the same time under both.
+        torch_times = [torch_layers.get(f"{name} {layout}", torch_layers.get(name))["seconds"]
+                       for layout in ("NCHW", "channels_last")]
+        rows.append([name, timing.ms(r["seconds"]), *map(timing.ms, torch_times),
+                     timing.ratio(r["seconds"], min(torch_times))])
+    return timing.table(["layer (fwd + grads)", "JAX train.conv", "PyTorch NCHW",
+                         "PyTorch channels_last", "JAX time / fastest PyTorch"], rows)
+
+
 def best_table(runs: dict[str, dict]) -> str:
     """Each framework's fastest configuration (any layout, variant or process setting)."""
     rows = []

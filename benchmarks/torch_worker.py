@@ -107,12 +107,44 @@ def cnn_task(quick, repeats, device):
             for name, s in steppers.items()}
 
 
+def _conv_case(layout, shape, cout, wrt_input, n, device):
+    h, w, cin = shape
+    weight = torch.randn(cout, cin, 3, 3, device=device, requires_grad=True)
+    x = torch.randn(n, cin, h, w, device=device).contiguous(memory_format=layout)
+    x.requires_grad_(wrt_input)
+    g = torch.randn(n, cout, h, w, device=device).contiguous(memory_format=layout)
+    inputs = (weight, x) if wrt_input else (weight,)
+
+    def call():
+        y = nn.functional.conv2d(x, weight, padding=1)
+        torch.autograd.grad(y, inputs, g)
+        _synchronize(device)
+    return call
+
+
+def layers_task(quick, repeats, device):
+    """The CNN's convolutions alone (both layouts), and conv2's kernel-grad matmul."""
+    n = 8 if quick else 128
+    fns = {f"{name} {layout_name}": _conv_case(layout, shape, cout, wrt_input, n, device)
+           for name, (shape, cout, wrt_input) in batches.CONV_LAYERS.items()
+           for layout_name, layout in LAYOUTS.items()}
+    m, k, n_out = batches.gemm_shape(n)
+    a = torch.from_numpy(batches.layer_input(1, (m, k))).to(device)
+    b = torch.from_numpy(batches.layer_input(2, (k, n_out))).to(device)
+
+    def matmul():
+        torch.mm(a, b)
+        _synchronize(device)
+    fns[batches.GEMM] = matmul
+    return {name: {"seconds": t} for name, t in timing.medians(timing.interleave(fns, repeats)).items()}
+
+
 def main(spec):
     procs.pin_cores(spec.get("cores"))
     device = torch.device(spec["device"])
     if device.type == "cpu":
         torch.set_num_threads(len(os.sched_getaffinity(0)))
-    tasks = {"bn": bn_task, "cnn": cnn_task}
+    tasks = {"bn": bn_task, "cnn": cnn_task, "layers": layers_task}
     out = {"threads": torch.get_num_threads(), "device": device.type}
     for task in spec["tasks"]:
         out[task] = tasks[task](spec["quick"], spec["repeats"], device)

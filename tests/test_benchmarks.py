@@ -32,6 +32,7 @@ def test_quick_run_prints_every_section_with_ratios(quick_run):
     for title in ("BN train fwd+bwd: median time (ratio to flax.linen)", "BN eval",
                   "XLA memory_analysis", "CNN layers: Flax vs train.conv",
                   "JAX (NHWC) vs PyTorch BatchNorm2d", "CNN train step",
+                  "CNN convolutions alone",
                   "Worker process settings", "Data-parallel scaling"):
         assert title in stdout
     assert "(1.00x)" in stdout  # the reference column of the BN tables
@@ -49,12 +50,15 @@ def test_quick_run_writes_results_and_plot(quick_run):
 
 
 def test_workers_print_one_json_line():
-    spec = json.dumps({"tasks": ["bn"], "quick": True, "repeats": 1, "device": "cpu"})
+    spec = json.dumps({"tasks": ["bn", "layers"], "quick": True, "repeats": 1, "device": "cpu"})
     proc = subprocess.run([sys.executable, "-m", "benchmarks.torch_worker", spec], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(result["bn"]) == {"BatchNorm2d NCHW", "BatchNorm2d channels_last"}
+    # Every convolution in both layouts, and the matmul.
+    assert len(result["layers"]) == 2 * 2 + 1
+    assert all(r["seconds"] > 0 for r in result["layers"].values())
 
 
 def test_bad_options_fail_fast():
