@@ -18,8 +18,8 @@ equal size). Note it is not the plain average ``E_b[var_b]`` (which misses
 the spread of the batch means, ``Var_b(mu_b)``, about ``var / batch_size``).
 Batches are pooled exactly, with Chan et al.'s formula, count-weighted when
 the counts are known (:func:`precise_batch_stats` with ``Moments``,
-:func:`precise_bn_linen`) and equally weighted otherwise
-(:func:`precise_bn_nnx`).
+:func:`precise_bn_nnx`, :func:`precise_bn_linen`) and equally weighted
+otherwise.
 
 Which inputs the layers see: later layers see earlier ones normalized with
 batch statistics (training mode), as during training.
@@ -115,20 +115,22 @@ def precise_bn_nnx(model, batches: Iterable, *, num_batches: int | None = None,
                    call: Callable | None = None, jit: bool = True):
   """Replaces the running statistics of an NNX model by precise ones.
 
-  Runs ``call(model, batch)`` (default ``model(batch)``; under ``nnx.jit``
+  Runs ``call(model, batch)`` (default ``model(batch)``; under ``jax.jit``
   unless ``jit=False``, e.g. for batches holding non-arrays) over
-  ``num_batches`` batches with every batch norm in training mode and
-  ``momentum=0``, so that after each call a layer's ``mean`` and ``var`` are
-  that batch's statistics; pools them exactly (see the module docstring) and
-  writes the result into the layers. Each batch counts once: use batches of
-  equal size. Other modules keep their mode, so put dropout in the mode you
-  want first (``model.eval()`` disables it; the batch norms are switched to
-  training mode here anyway). A batch norm is any module whose ``mean`` and
-  ``var`` are ``nnx.BatchStat`` and that has ``momentum`` and
-  ``use_running_average`` attributes (``flax.nnx.BatchNorm``,
-  ``jaxbn.nnx.BatchNorm``); their settings and other statistics (a step
-  ``count``) are restored afterwards, and on an error the model is left as
-  it was. Returns ``model`` (changed in place).
+  ``num_batches`` batches with every batch norm in training mode, on a copy
+  of the model whose variables stay as trained (so a batch renorm corrects
+  towards its trained running statistics, as in training). Each batch
+  norm's inputs are recorded as it is called: it gets the exact mean and
+  variance of all of them (with its ``mask``), whatever the batch sizes.
+  The variance is biased unless the layer keeps ``running_var='unbiased'``.
+  Other modules keep their mode, so put dropout in the mode you want first
+  (``model.eval()`` disables it; the batch norms are switched to training
+  mode here anyway). A batch norm is any module whose ``mean`` and ``var``
+  are ``nnx.BatchStat`` and that has ``axis`` and ``use_running_average``
+  attributes (``flax.nnx.BatchNorm``, ``jaxbn.nnx.BatchNorm`` and
+  ``BatchRenorm``). Layers that are not called keep their statistics; so do
+  step counts. On an error the model is left as it was. Returns ``model``
+  (changed in place).
 
   Example:
     >>> import jax, jaxbn
@@ -150,45 +152,56 @@ def precise_bn_nnx(model, batches: Iterable, *, num_batches: int | None = None,
   if not layers:
     raise ValueError(
         'the model has no batch norm (a module with nnx.BatchStat mean and var '
-        'and a momentum attribute); nothing to recompute.')
+        'and an axis attribute); nothing to recompute.')
   call = call or (lambda m, batch: m(batch))
-
-  def forward(m, batch):
-    call(m, batch)  # only the statistics it leaves in the layers matter
-
-  if jit:
-    forward = nnx.jit(forward)
-  settings = [(bn.momentum, bn.use_running_average) for bn in layers]
-  # Every BatchStat of the layers (mean, var, a step count, ...) as it was.
-  saved = [_batch_stats_of(bn, nnx) for bn in layers]
-  totals = None
+  captured: dict[int, Moments] = {}
+  originals = [(type(bn), bn.use_running_average) for bn in layers]
+  totals = {}
   try:
-    for bn in layers:
-      bn.momentum, bn.use_running_average = 0.0, False
+    for index, bn in enumerate(layers):
+      bn.__class__ = _recording(type(bn), index, captured)
+      bn.use_running_average = False
+    graphdef, state = nnx.split(model)
+
+    def batch_stats(state, batch):
+      # Filled while the copy runs (while tracing, under jit).
+      captured.clear()
+      call(nnx.merge(graphdef, state), batch)
+      return dict(captured)
+
+    if jit:
+      batch_stats = jax.jit(batch_stats)
     for batch in _take(batches, num_batches):
-      forward(model, batch)
-      stats = [_as_moments(_Stats(bn.mean[...], bn.var[...])) for bn in layers]
-      totals = stats if totals is None else [merge_moments(t, s) for t, s in zip(totals, stats)]
+      for index, m in batch_stats(state, batch).items():
+        totals[index] = merge_moments(totals[index], m) if index in totals else m
   finally:
-    for bn, (momentum, use_ra), values in zip(layers, settings, saved):
-      bn.momentum, bn.use_running_average = momentum, use_ra
-      for name, value in values.items():
-        getattr(bn, name)[...] = value
-  if totals is None:
-    raise ValueError('precise_bn_nnx got no batches; pass a non-empty iterable.')
-  for bn, total in zip(layers, totals):
+    for bn, (cls, use_running_average) in zip(layers, originals):
+      bn.__class__, bn.use_running_average = cls, use_running_average
+  if not totals:
+    raise ValueError('precise_bn_nnx got no batches (or no batch norm was called in '
+                     'training mode); pass a non-empty iterable.')
+  for index, total in totals.items():
+    bn = layers[index]
+    var = total.var
+    if getattr(bn, 'running_var', 'biased') == 'unbiased':
+      var = var * total.count / jnp.maximum(total.count - 1, 1)
     bn.mean[...] = total.mean.astype(bn.mean[...].dtype)
-    bn.var[...] = total.var.astype(bn.var[...].dtype)
+    bn.var[...] = var.astype(bn.var[...].dtype)
   return model
 
 
-def _batch_stats_of(module, nnx):
-  return {name: v[...] for name, v in vars(module).items() if isinstance(v, nnx.BatchStat)}
+def _recording(cls, index, captured):
+  """``cls`` whose calls in training mode add their input's moments to ``captured[index]``."""
 
+  def __call__(self, x, *args, **kwargs):
+    flag = args[0] if args else kwargs.get('use_running_average')
+    if not (self.use_running_average if flag is None else flag):
+      m = moments(x, axis=self.axis, mask=kwargs.get('mask'))
+      captured[index] = merge_moments(captured[index], m) if index in captured else m
+    return super(recording, self).__call__(x, *args, **kwargs)
 
-class _Stats:
-  def __init__(self, mean, var):
-    self.mean, self.var = mean, var
+  recording = type(cls.__name__, (cls,), {'__call__': __call__, '__module__': cls.__module__})
+  return recording
 
 
 def _nnx_batch_norms(model, nnx):
@@ -196,7 +209,7 @@ def _nnx_batch_norms(model, nnx):
   for _, node in nnx.iter_graph(model):
     if (isinstance(node, nnx.Module)
         and all(isinstance(getattr(node, a, None), nnx.BatchStat) for a in ('mean', 'var'))
-        and hasattr(node, 'momentum') and hasattr(node, 'use_running_average')):
+        and hasattr(node, 'axis') and hasattr(node, 'use_running_average')):
       found.append(node)
   return found
 

@@ -206,6 +206,54 @@ def test_jaxbn_nnx_batch_norm(momentum):
     assert int(model.layers[1].count[...]) == 1
 
 
+def test_nnx_counts_every_sample_and_skips_masked_ones():
+  import jaxbn.nnx as jnnx
+  layer = jnnx.BatchNorm(3, rngs=nnx.Rngs(0))
+  xs = _batches(3, size=8, seed=16) + _batches(1, size=40, seed=17)
+  masks = [np.random.default_rng(i).random((len(x), 1)) > 0.3 for i, x in enumerate(xs)]
+  precise_bn_nnx(layer, list(zip(xs, masks)), call=lambda m, b: m(b[0], mask=b[1]))
+  kept = [x[m[:, 0]] for x, m in zip(xs, masks)]
+  mean, var = np_pooled(kept)
+  np.testing.assert_allclose(layer.mean[...], mean, **F32_TOL)
+  np.testing.assert_allclose(layer.var[...], var, **F32_TOL)
+
+
+def test_nnx_renorm_corrects_towards_its_trained_statistics():
+  import jaxbn.nnx as jnnx
+  rngs = nnx.Rngs(0)
+  model = nnx.Sequential(
+      nnx.Linear(3, 4, rngs=rngs),
+      jnnx.BatchRenorm(4, r_max=3.0, d_max=5.0, running_var='unbiased', rngs=rngs),
+      nnx.Linear(4, 3, rngs=rngs), nnx.BatchNorm(3, rngs=rngs))
+  # Running statistics far from the batches' (shifted data), so that the
+  # corrections r and d are far from 1 and 0 and clip.
+  for x in _batches(3, seed=13):
+    model(4.0 * x + 10.0)
+  trained = nnx.clone(model)
+  xs = _batches(4, size=16, seed=14) + _batches(1, size=48, seed=15)
+  precise_bn_nnx(model, xs)
+  # What the layers see in training mode with the trained variables.
+  hs, zs = [], []
+  for x in xs:
+    copy = nnx.clone(trained)
+    h = copy.layers[0](x)
+    hs.append(np.asarray(h, np.float64))
+    zs.append(np.asarray(copy.layers[2](copy.layers[1](h)), np.float64))
+  mean, var = np_pooled(hs)
+  n = sum(len(h) for h in hs)
+  np.testing.assert_allclose(model.layers[1].mean[...], mean, **F32_TOL)
+  np.testing.assert_allclose(model.layers[1].var[...], var * n / (n - 1), **F32_TOL)
+  mean, var = np_pooled(zs)
+  np.testing.assert_allclose(model.layers[3].mean[...], mean, **F32_TOL)
+  np.testing.assert_allclose(model.layers[3].var[...], var, **F32_TOL)
+  # The parameters as trained, the layers as they were.
+  for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
+                  jax.tree.leaves(nnx.state(trained, nnx.Param))):
+    np.testing.assert_array_equal(a, b)
+  assert type(model.layers[1]) is jnnx.BatchRenorm
+  assert model.layers[1].use_running_average is False
+
+
 def test_nnx_errors():
   with pytest.raises(ValueError, match='no batch norm'):
     precise_bn_nnx(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), _batches(1))
