@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 
-from jaxbn._functional import moments
+from jaxbn._functional import _running_variance, moments
 from jaxbn._moments import Moments
 from jaxbn._moments import pool_moments
 
@@ -173,7 +173,7 @@ def precise_bn_nnx(model, batches: Iterable, *, num_batches: int | None = None,
       batch_stats = jax.jit(batch_stats)
     for batch in _take(batches, num_batches):
       for index, m in batch_stats(state, batch).items():
-        totals[index] = merge_moments(totals[index], m) if index in totals else m
+        _accumulate(totals, index, m)
   finally:
     for bn, (cls, use_running_average) in zip(layers, originals):
       bn.__class__, bn.use_running_average = cls, use_running_average
@@ -182,9 +182,7 @@ def precise_bn_nnx(model, batches: Iterable, *, num_batches: int | None = None,
                      'training mode); pass a non-empty iterable.')
   for index, total in totals.items():
     bn = layers[index]
-    var = total.var
-    if getattr(bn, 'running_var', 'biased') == 'unbiased':
-      var = var * total.count / jnp.maximum(total.count - 1, 1)
+    var = _running_variance(total, getattr(bn, 'running_var', 'biased'))
     bn.mean[...] = total.mean.astype(bn.mean[...].dtype)
     bn.var[...] = var.astype(bn.var[...].dtype)
   return model
@@ -194,10 +192,8 @@ def _recording(cls, index, captured):
   """``cls`` whose calls in training mode add their input's moments to ``captured[index]``."""
 
   def __call__(self, x, *args, **kwargs):
-    flag = args[0] if args else kwargs.get('use_running_average')
-    if not (self.use_running_average if flag is None else flag):
-      m = moments(x, axis=self.axis, mask=kwargs.get('mask'))
-      captured[index] = merge_moments(captured[index], m) if index in captured else m
+    if _training(self, args, kwargs):
+      _accumulate(captured, index, moments(x, axis=self.axis, mask=kwargs.get('mask')))
     return super(recording, self).__call__(x, *args, **kwargs)
 
   recording = type(cls.__name__, (cls,), {'__call__': __call__, '__module__': cls.__module__})
@@ -261,16 +257,15 @@ def precise_bn_linen(module, variables, batches: Iterable, *,
     raise TypeError("precise_bn_linen sets mutable=['batch_stats'] itself; drop mutable=.")
   stats = variables['batch_stats']
   paths = _linen_batch_norm_paths(stats)
-  unbiased = set()
+  running_vars = {}
   captured = {}
 
   def capture(next_fun, args, kwargs, context):
     mod, path = context.module, tuple(context.module.path)
-    if context.method_name == '__call__' and path in paths and _linen_training(mod, args, kwargs):
-      m = moments(args[0], axis=getattr(mod, 'axis', -1), mask=kwargs.get('mask'))
-      captured[path] = merge_moments(captured[path], m) if path in captured else m
-      if getattr(mod, 'running_var', 'biased') == 'unbiased':
-        unbiased.add(path)
+    if context.method_name == '__call__' and path in paths and _training(mod, args[1:], kwargs):
+      _accumulate(captured, path, moments(args[0], axis=getattr(mod, 'axis', -1),
+                                          mask=kwargs.get('mask')))
+      running_vars[path] = getattr(mod, 'running_var', 'biased')
     return next_fun(*args, **kwargs)
 
   @jax.jit
@@ -281,30 +276,33 @@ def precise_bn_linen(module, variables, batches: Iterable, *,
       module.apply(variables, batch, mutable=['batch_stats'], **apply_kwargs)
     return dict(captured)
 
-  totals = None
+  totals, seen = {}, 0
   for batch in _take(batches, num_batches):
-    per_layer = batch_stats(batch)
-    totals = per_layer if totals is None else {
-        p: merge_moments(totals[p], per_layer[p]) for p in totals}
-  if totals is None:
+    seen += 1
+    for path, m in batch_stats(batch).items():
+      _accumulate(totals, path, m)
+  if not seen:
     raise ValueError('precise_bn_linen got no batches; pass a non-empty iterable.')
 
   def write(path, node):
     if path not in totals:  # not trained on: nothing measured
       return node
     total = totals[path]
-    var = total.var
-    if path in unbiased:
-      var = var * total.count / jnp.maximum(total.count - 1, 1)
+    var = _running_variance(total, running_vars[path])
     return {**node, 'mean': total.mean.astype(node['mean'].dtype),
             'var': var.astype(node['var'].dtype)}
 
   return {**variables, 'batch_stats': _set_at(stats, paths, write)}
 
 
-def _linen_training(mod, args, kwargs) -> bool:
-  """Whether a Linen batch norm's call uses batch statistics."""
-  flag = args[1] if len(args) > 1 else kwargs.get('use_running_average')
+def _accumulate(totals: dict, key, m: Moments) -> None:
+  """Pools ``m`` into ``totals[key]``."""
+  totals[key] = merge_moments(totals[key], m) if key in totals else m
+
+
+def _training(mod, args_after_x, kwargs) -> bool:
+  """Whether a batch norm's call uses batch statistics."""
+  flag = args_after_x[0] if args_after_x else kwargs.get('use_running_average')
   if flag is None:
     flag = getattr(mod, 'use_running_average', None)
   return not flag
