@@ -1,4 +1,4 @@
-"""The CNN benchmark's inputs and layer shapes, as NumPy arrays (imports no framework).
+"""Shapes and inputs both workers share: BN tensors, the CNN's batches and layers (no framework).
 
 Both workers cycle through the same ``DISTINCT_BATCHES`` batches: one batch
 repeated lets the model fit it, and the shrinking gradients (denormals on
@@ -10,6 +10,18 @@ from __future__ import annotations
 import numpy as np
 
 DISTINCT_BATCHES = 8
+
+# The NHWC batch norm input both frameworks are compared on. On a GPU the
+# CPU's 33 MB tensor takes microseconds (launch overhead, not memory), so
+# GPUs get a large activation (822 MB in float32), a ResNet stage's shape.
+BN_SHAPES = {"quick": (8, 8, 8, 16), "cpu": (128, 32, 32, 64), "gpu": (256, 56, 56, 256)}
+
+
+def bn_shape(quick: bool, backend: str) -> tuple[int, int, int, int]:
+    """(N, H, W, C) of the compared batch norm input on ``backend`` ('cpu', 'gpu', ...)."""
+    if quick:
+        return BN_SHAPES["quick"]
+    return BN_SHAPES["cpu" if backend == "cpu" else "gpu"]
 IMAGE = (28, 28, 1)
 NUM_CLASSES = 10
 

@@ -9,6 +9,7 @@ them all identically.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import flax.linen as linen
@@ -20,7 +21,7 @@ from flax import nnx
 import jaxbn
 import jaxbn.linen
 import jaxbn.nnx
-from benchmarks import timing
+from benchmarks import batches, timing
 
 MOMENTUM = 0.99
 EPSILON = 1e-5
@@ -47,12 +48,18 @@ class Config:
         return n * jnp.dtype(self.dtype).itemsize
 
 
-def configs(quick: bool) -> list[Config]:
+def configs(quick: bool, backend: str = "cpu") -> list[Config]:
+    """The shapes timed; the first is the one PyTorch's worker times too."""
+    nhwc = batches.bn_shape(quick, backend)
     if quick:
-        return [Config("NHWC f32", (8, 8, 8, 16), "float32")]
-    nhwc, dense = (128, 32, 32, 64), (4096, 1024)
-    return [Config("NHWC f32", nhwc, "float32"), Config("NHWC bf16", nhwc, "bfloat16"),
-            Config("dense f32", dense, "float32"), Config("dense bf16", dense, "bfloat16")]
+        return [Config("NHWC f32", nhwc, "float32")]
+    dense = (4096, 1024) if backend == "cpu" else (65536, 4096)
+    out = [Config("NHWC f32", nhwc, "float32"), Config("NHWC bf16", nhwc, "bfloat16"),
+           Config("dense f32", dense, "float32"), Config("dense bf16", dense, "bfloat16")]
+    if backend != "cpu":
+        # The CPU's shape too: small enough that launches, not memory, set the time.
+        out.append(Config("NHWC f32 small", batches.bn_shape(False, "cpu"), "float32"))
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -126,8 +133,11 @@ def _driver(apply, mode):
         params, x, stats, g)
 
 
+@functools.lru_cache(maxsize=1)
 def inputs(config: Config):
-    # NumPy draws: eager jax.random would compile a program per shape.
+    # NumPy draws: eager jax.random would compile a program per shape. Cached:
+    # every implementation and mode of a config times the same arrays, and a
+    # GPU-sized draw takes seconds.
     rng = np.random.default_rng(0)
     x = 3.0 + 2.0 * rng.standard_normal(config.shape, np.float32)
     g = rng.standard_normal(config.shape, np.float32)
@@ -197,7 +207,7 @@ def floor_seconds(config: Config, mode: str, bytes_per_second: float) -> float:
 def run(quick: bool, repeats: int) -> dict:
     """Times, floors and memory statistics for every config and mode."""
     results = []
-    for config in configs(quick):
+    for config in configs(quick, jax.default_backend()):
         measured = bandwidths(config, repeats)
         bw = max(measured.values())
         entry = {"config": dataclasses.asdict(config), "bandwidths": measured, "modes": {}}
@@ -229,12 +239,29 @@ def tables(results: dict) -> list[tuple[str, str]]:
             for e in entries for name, m in e["memory"].items()]
     out.append(("BN train fwd+bwd: XLA memory_analysis (MiB)",
                 timing.table(["config", "implementation", "temp", "argument", "output"], rows)))
+    out.append(("BN train fwd+bwd: effective bandwidth (the floor's bytes / median time)",
+                bandwidth_table(entries)))
     kinds = list(entries[0]["bandwidths"])
     rows = [[e["config"]["name"], str(tuple(e["config"]["shape"]))] +
             [f"{e['bandwidths'][k] / 1e9:.2f}" for k in kinds] for e in entries]
     out.append(("Bandwidth (GB/s) of jitted copies of the same size; the floors use the best",
                 timing.table(["config", "shape"] + kinds, rows)))
     return out
+
+
+def bandwidth_table(entries) -> str:
+    """GB/s each implementation would move if it made only the fewest passes,
+    and that as a share of the best copy bandwidth of the same size."""
+    mode = "train fwd+bwd"
+    rows = []
+    for name in IMPLEMENTATIONS:
+        row = [name]
+        for e in entries:
+            moved = MIN_PASSES[mode] * Config(**e["config"]).nbytes
+            rate = moved / e["modes"][mode]["times"][name]
+            row.append(f"{rate / 1e9:.0f} ({rate / max(e['bandwidths'].values()):.0%})")
+        rows.append(row)
+    return timing.table(["implementation"] + [e["config"]["name"] for e in entries], rows)
 
 
 def _cell(times: dict[str, float], name: str) -> str:

@@ -145,8 +145,23 @@ def _pool_case(pool, x_shape):
     return lambda: jax.block_until_ready(grad(x))
 
 
+def _kernel_grad_case(x_shape, cout, im2col: bool):
+    x, g = _normal(1, x_shape), _normal(2, x_shape[:-1] + (cout,))
+    kernel = jnp.zeros((3, 3, x_shape[-1], cout))
+    pads = ((1, 1), (1, 1))
+    if im2col:
+        fn = jax.jit(lambda x, g: conv.kernel_grad(x, g, (3, 3), (1, 1), pads))
+    else:
+        fn = jax.jit(lambda x, g: conv.xla_kernel_grad(x, g, kernel, (1, 1), pads))
+    return lambda: jax.block_until_ready(fn(x, g))
+
+
 def layer_cases(n: int) -> dict[str, dict]:
-    """The CNN's two convs (fwd+bwd as the step needs them) and two pools (bwd)."""
+    """The CNN's two convs (fwd+bwd as the step needs them) and two pools (bwd).
+
+    train.conv picks its kernel gradient per platform (im2col on CPU, XLA's
+    elsewhere); the last row times both ways of conv2's kernel gradient.
+    """
     return {
         f"conv1 {n}x28x28x1->32, fwd + kernel grad": {
             "flax": _conv_case(nnx.Conv, (n, 28, 28, 1), 32, False),
@@ -160,6 +175,9 @@ def layer_cases(n: int) -> dict[str, dict]:
         f"pool2 {n}x14x14x64, fwd + grad": {
             "flax": _pool_case(_flax_pool, (n, 14, 14, 64)),
             "train.conv": _pool_case(conv.max_pool, (n, 14, 14, 64))},
+        f"conv2 kernel grad alone: XLA's (flax column) vs im2col": {
+            "flax": _kernel_grad_case((n, 14, 14, 32), 64, im2col=False),
+            "train.conv": _kernel_grad_case((n, 14, 14, 32), 64, im2col=True)},
     }
 
 

@@ -20,7 +20,7 @@ BN_NAMES = ("jaxbn", bn.REFERENCE)
 
 
 def bn_task(quick: bool, repeats: int) -> dict:
-    config = bn.configs(quick)[0]
+    config = bn.configs(quick, jax.default_backend())[0]
     times, programs = bn.time_mode(config, "train fwd+bwd", repeats, BN_NAMES)
     return {name: {"seconds": times[name],
                    "faults_per_call": timing.faults_per_call(bn.blocking(*programs[name]))}

@@ -26,7 +26,7 @@ def machine() -> dict:
         "python": platform.python_version(),
         "versions": {p: _version(p) for p in PACKAGES},
         "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
+        "devices": [f"{d} ({d.device_kind})" for d in jax.devices()],
     }
 
 

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from jax.test_util import check_grads
 
-from train.conv import Conv, conv, kernel_grad, max_pool
+from train.conv import Conv, conv, kernel_grad, max_pool, xla_kernel_grad
 
 # (input shape, out features, kernel size, strides, padding): the CNN's and
 # ResNet's layers (3x3 'SAME', stride 1 and 2, 1x1 projections), plus VALID,
@@ -118,6 +118,45 @@ def test_kernel_grad_chunking_is_exact(chunk):
     whole = jax.jit(kernel_grad, static_argnums=(2, 3, 4, 5))(x, dy, (3, 3), (1, 1), pads, 7)
     chunked = jax.jit(kernel_grad, static_argnums=(2, 3, 4, 5))(x, dy, (3, 3), (1, 1), pads, chunk)
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_both_kernel_gradients_are_within_the_rounding_bound(case):
+    # CPU uses kernel_grad (im2col), other platforms xla_kernel_grad; both
+    # against the float64 sum with the bound of test_gradients_match_flax.
+    shape, cout, kernel_size, strides, padding = case
+    x = _normal(1, shape)
+    kernel = _normal(2, kernel_size + (shape[-1], cout))
+    strides = (strides,) * len(kernel_size) if isinstance(strides, int) else tuple(strides)
+    pads = padding
+    if isinstance(padding, str):
+        pads = jax.lax.padtype_to_pads(shape[1:-1], kernel_size, strides, padding)
+    pads = tuple(tuple(p) for p in pads)
+    g = _normal(3, conv(x, kernel, strides, padding).shape)
+    exact, magnitude, n = _exact_kernel_grad(x, g, case)
+    bound = n * np.finfo(np.float32).eps * magnitude
+    im2col = jax.jit(kernel_grad, static_argnums=(2, 3, 4))(x, g, kernel_size, strides, pads)
+    xla = jax.jit(xla_kernel_grad, static_argnums=(3, 4))(x, g, kernel, strides, pads)
+    for name, dk in (("im2col", im2col), ("xla", xla)):
+        assert dk.dtype == jnp.float32, name
+        assert np.all(np.abs(np.asarray(dk, np.float64) - exact) <= bound), name
+
+
+def _lowered_ops(platforms):
+    """Convolutions and dot products in the gradient program lowered for ``platforms``."""
+    x, kernel = jnp.ones((4, 9, 9, 3)), jnp.ones((3, 3, 3, 5))
+    grad = jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k, (1, 1), "SAME") ** 2),
+                            argnums=(0, 1)))
+    text = jax.export.export(grad, platforms=platforms)(x, kernel).mlir_module()
+    return text.count("stablehlo.convolution"), text.count("stablehlo.dot_general")
+
+
+def test_kernel_gradient_path_is_chosen_per_platform():
+    # CPU: forward and input gradient are convolutions, the kernel gradient a
+    # matmul; GPU and TPU: all three are XLA's convolutions (cuDNN's kernels).
+    assert _lowered_ops(("cpu",)) == (2, 1)
+    assert _lowered_ops(("cuda",)) == (3, 0)
+    assert _lowered_ops(("tpu",)) == (3, 0)
 
 
 def test_bfloat16_inputs():

@@ -4,8 +4,9 @@ XLA:CPU lowers a convolution's kernel gradient to another convolution whose
 window spans the whole image and whose "batch" is the input channels, a
 shape its convolution kernels handle poorly. :class:`Conv` keeps Flax's
 forward pass (the very same ``lax.conv_general_dilated`` call, so outputs
-are bit-identical) and computes the kernel gradient as a matmul of im2col
-patches with the output cotangent. The batch is processed in chunks inside
+are bit-identical) and, on CPU, computes the kernel gradient as a matmul of
+im2col patches with the output cotangent; other platforms keep XLA's own
+kernel gradient (cuDNN's on GPU), chosen when the program is lowered. The batch is processed in chunks inside
 a ``lax.scan``: the patch buffer is then small, stays in cache, and is
 reused across chunks instead of being a fresh multi-megabyte allocation
 whose pages are faulted in on every step. The input gradient is XLA's own
@@ -125,11 +126,19 @@ def _conv_bwd(strides, pads, residuals, dy):
     x, kernel = residuals
     # The convolution is linear in x: its transpose is XLA's input gradient.
     (dx,) = jax.linear_transpose(lambda x: _forward(x, kernel, strides, pads), x)(dy)
-    dk = kernel_grad(x, dy, kernel.shape[:-2], strides, pads)
+    dk = lax.platform_dependent(
+        x, dy, cpu=lambda x, dy: kernel_grad(x, dy, kernel.shape[:-2], strides, pads),
+        default=lambda x, dy: xla_kernel_grad(x, dy, kernel, strides, pads))
     return dx, dk.astype(kernel.dtype)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def xla_kernel_grad(x, dy, kernel, strides, pads):
+    """XLA's own kernel gradient (the transpose of the convolution in the kernel)."""
+    (dk,) = jax.linear_transpose(lambda k: _forward(x, k, strides, pads), kernel)(dy)
+    return dk.astype(jnp.promote_types(dk.dtype, jnp.float32))
 
 
 def kernel_grad(x, dy, window, strides, pads, chunk: int | None = None):
