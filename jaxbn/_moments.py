@@ -14,9 +14,9 @@ measures it). Without a mask, the shift depends on the backend:
   fastest, so the plain sums come first; if any feature has
   ``|mean| > 4 std`` (more than ~4 bits lost), a second pass redoes the
   sums about that mean (``lax.cond``: it costs nothing on centred data).
-- GPU/TPU: ``c`` is the first sample of each feature, a few standard
-  deviations from the mean unless it is an outlier: one read of ``x``, as
-  a branch would cost a host round trip there.
+- GPU/TPU: ``c`` is the median of three samples of each feature, a few
+  standard deviations from the mean unless two of the three are outliers:
+  one read of ``x``, as a branch would cost a host round trip there.
 
 Either way the derivative is the exact one (a ``custom_jvp``), not that of
 the algorithm. With a mask the first sample may be masked out (and hold
@@ -149,11 +149,28 @@ def _checked_fast_moments(x, reduction_axes):
 
 
 def _shifted_moments(x, reduction_axes):
-  """Moments about the first sample: one read of ``x``.
+  """Moments about a median of three samples: one read of ``x``.
 
-  Loses the bits of ``|mean - c|^2 / var``; a few at most unless ``c`` is an outlier.
+  Loses the bits of ``|mean - c|^2 / var``; a few at most unless two of
+  the three samples are outliers (one outlier as the shift would cost
+  ``log2(|outlier - mean|^2 / var)`` bits).
   """
-  return _moments_about(x, _first_sample(x, reduction_axes), reduction_axes)
+  return _moments_about(x, _median_of_three(x, reduction_axes), reduction_axes)
+
+
+def _median_of_three(x, reduction_axes):
+  """Per feature, the median of the first three entries along the first
+  reduced axis (the first entry where that axis is shorter); real and
+  imaginary parts apart."""
+  if not reduction_axes or x.shape[min(reduction_axes)] < 3:
+    return _first_sample(x, reduction_axes)
+  axis = min(reduction_axes)
+  a, b, c = (lax.slice_in_dim(_first_sample(x, tuple(r for r in reduction_axes if r != axis)),
+                              i, i + 1, axis=axis) for i in range(3))
+  median = lambda a, b, c: jnp.maximum(jnp.minimum(a, b), jnp.minimum(jnp.maximum(a, b), c))
+  if jnp.iscomplexobj(x):
+    return lax.complex(median(a.real, b.real, c.real), median(a.imag, b.imag, c.imag))
+  return median(a, b, c)
 
 
 def _moments_about(x, shift, reduction_axes):

@@ -41,7 +41,7 @@ def test_variance_is_stable_for_large_offsets(ratio, masked):
 
 # Both algorithms behind ``jaxbn.moments``: the CPU one (plain sums, redone
 # about the mean when |mean|/std > 4) and the one other backends run
-# (sums about the first sample). float32 sums of 4096 terms round to ~1e-7
+# (sums about a median of three samples). float32 sums of 4096 terms round to ~1e-7
 # relative; the plain sums multiply that by at most 1 + 16.
 @pytest.mark.parametrize('algorithm', ['_checked_fast_moments', '_shifted_moments'])
 @pytest.mark.parametrize('ratio', [0.0, 3.9, 4.1, 1e2, 1e5])
@@ -63,11 +63,40 @@ def test_batch_norm_lowers_for_accelerators():
   assert exported.platforms == ('cuda', 'tpu')
 
 
-def test_an_outlier_first_sample_costs_no_precision():
-  # Sums about the first sample would lose log2(|x0 - mean|^2 / var) ~ 12 bits here.
-  x = _offset_data(0.0)
-  x[0] = 1e3
+@pytest.mark.parametrize('algorithm', ['_checked_fast_moments', '_shifted_moments'])
+@pytest.mark.parametrize('ratio', [0.0, 1e3])
+def test_an_outlier_first_sample_costs_no_precision(algorithm, ratio):
+  x = _offset_data(ratio)
+  x[0] += 1e3
+  fn = jax.jit(getattr(jaxbn._moments, algorithm), static_argnums=1)
+  assert _rel_err(fn(jnp.asarray(x), (0,))[1], x) < 1e-6
   assert _rel_err(jaxbn.moments(x).var, x) < 1e-6
+  # Sums about the first sample itself lose log2(|x0 - mean|^2 / var) ~ 12
+  # bits here: why the accelerators' shift is a median of three.
+  about_first = jax.jit(jaxbn._moments._moments_about, static_argnums=2)
+  assert _rel_err(about_first(jnp.asarray(x), jnp.asarray(x[:1]), (0,))[1], x) > 1e-5
+
+
+@pytest.mark.parametrize('shape,axes', [((5, 4), (0,)), ((2, 3, 4), (0, 2)), ((3, 4, 5), (1, 2)),
+                                        ((2, 4), (0,)), ((4, 3), ())])
+@pytest.mark.parametrize('dtype', [np.float32, np.complex64])
+def test_median_of_three_shift(shape, axes, dtype):
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal(shape)
+  if dtype == np.complex64:
+    x = x + 1j * rng.standard_normal(shape)
+  x = x.astype(dtype)
+  got = np.asarray(jaxbn._moments._median_of_three(jnp.asarray(x), axes))
+  kept = [slice(None) if i not in axes else 0 for i in range(x.ndim)]
+  if axes and shape[min(axes)] >= 3:
+    kept[min(axes)] = slice(0, 3)
+    three = np.moveaxis(x[tuple(kept)], 0 if min(axes) == 0 else sum(
+        1 for i in range(min(axes)) if i not in axes), 0)
+    want = np.median(three.real, axis=0) + (1j * np.median(three.imag, axis=0) if
+                                             dtype == np.complex64 else 0)
+  else:  # shorter than three: the first entry
+    want = x[tuple(kept)]
+  np.testing.assert_array_equal(got.reshape(want.shape), want)
 
 
 def flax_error(ratio):
