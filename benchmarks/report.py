@@ -217,10 +217,11 @@ def _markdown(meta: dict, sections, plot: str | None) -> str:
 def _backend_note(backend: str) -> str:
     command = "`python -m benchmarks --write-results`"
     if backend == "cpu":
-        return (f"**No GPU was available for this run: every number is CPU.** On a GPU "
-                f"machine the same command, {command}, measures JAX's default backend (the "
-                f"GPU) and runs PyTorch on CUDA; `python -m benchmarks --gpu` insists on a "
-                f"GPU. The malloc section applies to CPU only.")
+        return (f"**Every number in this run is CPU.** On a GPU machine the same command, "
+                f"{command}, measures JAX's default backend (the GPU, on GPU-sized shapes) "
+                f"and runs PyTorch on CUDA; `python -m benchmarks --gpu` insists on a GPU "
+                f"(an H200's results: `benchmarks/gpu-h200/`). The malloc section applies "
+                f"to CPU only.")
     return f"Backend `{backend}`: the CPU-only malloc section was skipped."
 
 
