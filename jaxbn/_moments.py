@@ -165,8 +165,8 @@ def _median_of_three(x, reduction_axes):
   if not reduction_axes or x.shape[min(reduction_axes)] < 3:
     return _first_sample(x, reduction_axes)
   axis = min(reduction_axes)
-  a, b, c = (lax.slice_in_dim(_first_sample(x, tuple(r for r in reduction_axes if r != axis)),
-                              i, i + 1, axis=axis) for i in range(3))
+  head = _first_sample(x, tuple(r for r in reduction_axes if r != axis))
+  a, b, c = (lax.slice_in_dim(head, i, i + 1, axis=axis) for i in range(3))
   median = lambda a, b, c: jnp.maximum(jnp.minimum(a, b), jnp.minimum(jnp.maximum(a, b), c))
   if jnp.iscomplexobj(x):
     return lax.complex(median(a.real, b.real, c.real), median(a.imag, b.imag, c.imag))

@@ -6,11 +6,12 @@ shape its convolution kernels handle poorly. :class:`Conv` keeps Flax's
 forward pass (the very same ``lax.conv_general_dilated`` call, so outputs
 are bit-identical) and, on CPU, computes the kernel gradient as a matmul of
 im2col patches with the output cotangent; other platforms keep XLA's own
-kernel gradient (cuDNN's on GPU), chosen when the program is lowered. The batch is processed in chunks inside
-a ``lax.scan``: the patch buffer is then small, stays in cache, and is
-reused across chunks instead of being a fresh multi-megabyte allocation
-whose pages are faulted in on every step. The input gradient is XLA's own
-transposed convolution, which is already fast.
+kernel gradient (cuDNN's on GPU), chosen when the program is lowered. The
+batch is processed in chunks inside a ``lax.scan``: the patch buffer is
+then small, stays in cache, and is reused across chunks instead of being a
+fresh multi-megabyte allocation whose pages are faulted in on every step.
+The input gradient is XLA's own transposed convolution, which is already
+fast.
 
 :func:`max_pool` is ``nnx.max_pool(x, (2, 2), strides=(2, 2),
 padding='SAME')`` with the same gradient (all of it to the first maximum
