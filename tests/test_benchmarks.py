@@ -72,3 +72,18 @@ def test_gpu_flag_without_gpu_names_the_fix():
     if proc.returncode == 0:
         pytest.skip("a GPU is present")
     assert "install jax[cuda12]" in proc.stderr
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_both_workers_time_the_same_bn_tensor(backend):
+    # The JAX worker times bn.configs(...)[0]; the PyTorch worker builds its
+    # NCHW tensor from batches.bn_shape: the cross-framework ratio needs both
+    # to be one tensor. GPUs get a tensor too large to be launch-bound.
+    from benchmarks import batches, bn
+
+    first = bn.configs(False, backend)[0]
+    assert first.shape == batches.bn_shape(False, backend) and first.dtype == "float32"
+    if backend == "gpu":
+        assert first.nbytes >= 512 * 2**20
+        assert any(c.shape == batches.bn_shape(False, "cpu") for c in bn.configs(False, "gpu"))
+    assert bn.configs(True, backend)[0].shape == batches.bn_shape(True, backend)
