@@ -50,7 +50,8 @@ def _main(argv, stop: StopFlag) -> int:
     try:
         from train import loop
         from train.checkpoint import CheckpointError
-        if stop:
+        # Processes of a multi-process run stop together (loop.agreed_stop).
+        if stop and cfg.num_processes == 1:
             return _interrupted(stop.signum)
         try:
             cfg = loop.resume_config(explicit) if explicit.get("resume") else resolve(

@@ -349,8 +349,9 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
     total_steps = spe * cfg.epochs
     eval_bs = _round_up(min(EVAL_BATCH, len(dataset.x_test)), cfg.devices)
 
-    if stop:
-        raise Interrupted(stop.signum)
+    signum = agreed_stop(stop, cfg.num_processes)
+    if signum:
+        raise Interrupted(signum)
     train = functools.partial(_train, cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh,
                               stdout, interrupt_at_step, started, stop)
     if not primary:
@@ -381,6 +382,22 @@ def join_processes(cfg: Config) -> None:
             f"process {cfg.process_id} could not join the {cfg.num_processes}-process run at "
             f"--coordinator {cfg.coordinator} ({str(e).splitlines()[0]}); start every process "
             f"with the same --coordinator and --num-processes, process 0 on that host") from None
+
+
+def agreed_stop(flag: StopFlag | None, num_processes: int) -> int | None:
+    """The signal to stop on: this process's, or in a multi-process run any process's.
+
+    Every process must leave the loop after the same step: one that stopped
+    alone would leave the others waiting in the next step's collectives. A
+    signal sent to one process (a scheduler preempting one host) thus stops
+    them all, each at a safe point, with one checkpoint.
+    """
+    local = flag.signum if flag else None
+    if num_processes == 1:
+        return local
+    from jax.experimental import multihost_utils
+    signums = multihost_utils.process_allgather(np.int32(local or 0))
+    return int(np.max(signums)) or None
 
 
 def norm_options(cfg: Config) -> models.NormOptions:
@@ -513,6 +530,7 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                                   len(xb) / dt if dt > 0 else 0.0)
                     if interrupt_at_step is not None and gstep == interrupt_at_step:
                         flag.signum = signal.SIGINT
+                    flag.signum = agreed_stop(flag, cfg.num_processes)
                     if flag:
                         return _interrupted(cfg, flag, save_checkpoint, progress, gstep)
 
@@ -529,6 +547,7 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                                                        "train_loss", "train_accuracy")}
                 book.new_epoch(epoch + 1)
                 save_checkpoint()
+                flag.signum = agreed_stop(flag, cfg.num_processes)
                 if flag:
                     return _interrupted(cfg, flag, save_checkpoint, progress, (epoch + 1) * spe)
     finally:

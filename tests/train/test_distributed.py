@@ -12,9 +12,11 @@ from __future__ import annotations
 import io
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +191,54 @@ def test_two_processes_match_one_process(tmp_path):
     _, single = _run(tmp_path, "single")
     _assert_states_close(tmp_path / "single", tmp_path / "multi")
     np.testing.assert_allclose(summary["test_loss"], single["test_loss"], rtol=1e-5)
+
+
+def _processes(args, n=2):
+    return [subprocess.Popen([sys.executable, "-m", "train", *map(str, args),
+                              "--process-id", str(i)],
+                             cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for i in range(n)]
+
+
+def _finish(procs, timeout=300):
+    try:
+        return [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_all_with_one_checkpoint(tmp_path):
+    # SIGINT to process 1 alone (as a scheduler preempting one host would):
+    # both processes must leave the loop after the same step, process 0
+    # saving the checkpoint, instead of process 0 waiting forever in the next
+    # step's collectives. Resuming both then completes the run.
+    out = tmp_path / "multi"
+    args = ["--model", "cnn", "--limit-train", "512", "--batch-size", "16", "--epochs", "6",
+            "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
+            "--out", out]
+    procs = _processes(args)
+    ckpts = out / "checkpoints"
+    deadline = time.monotonic() + 240
+    while not (ckpts.is_dir() and checkpoint.list_checkpoints(ckpts)):
+        assert all(p.poll() is None for p in procs), "a process ended before the first epoch"
+        assert time.monotonic() < deadline, "no checkpoint after 240 s"
+        time.sleep(0.02)
+    procs[1].send_signal(signal.SIGINT)  # after epoch 1 of 6: 160 steps to go
+    outputs = _finish(procs, timeout=120)  # seconds: a hang, not a slow run
+    assert [p.returncode for p in procs] == [loop.EXIT_INTERRUPTED] * 2, outputs
+    stopped = re.search(r"SIGINT: stopped after step (\d+)", outputs[0][0] + outputs[0][1])
+    assert stopped, outputs[0]
+    step = int(stopped.group(1))
+    assert step < 6 * 32
+    assert checkpoint.list_checkpoints(ckpts)[-1][0] == step
+    summary_path = out / "summary.json"
+    assert not summary_path.exists()
+
+    resume = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
+              "--out", out, "--resume"]
+    outputs = _finish(_processes(resume))
+    assert all("error" not in err for _, err in outputs), outputs
+    summary = json.loads(summary_path.read_text())
+    assert summary["resumed_from_step"] == step and summary["steps"] == 6 * 32
