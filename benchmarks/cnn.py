@@ -175,7 +175,7 @@ def layer_cases(n: int) -> dict[str, dict]:
         f"pool2 {n}x14x14x64, fwd + grad": {
             "flax": _pool_case(_flax_pool, (n, 14, 14, 64)),
             "train.conv": _pool_case(conv.max_pool, (n, 14, 14, 64))},
-        f"conv2 kernel grad alone: XLA's (flax column) vs im2col": {
+        "conv2 kernel grad alone: XLA's (flax column) vs im2col": {
             "flax": _kernel_grad_case((n, 14, 14, 32), 64, im2col=False),
             "train.conv": _kernel_grad_case((n, 14, 14, 32), 64, im2col=True)},
     }
