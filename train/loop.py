@@ -28,6 +28,7 @@ from typing import Any, Callable, TextIO
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from train import checkpoint, data, models, plots, steps
 from train.signals import Interrupted, StopFlag, catch_signals
@@ -395,7 +396,6 @@ def agreed_stop(flag: StopFlag | None, num_processes: int) -> int | None:
     local = flag.signum if flag else None
     if num_processes == 1:
         return local
-    from jax.experimental import multihost_utils
     signums = multihost_utils.process_allgather(np.int32(local or 0))
     return int(np.max(signums)) or None
 
