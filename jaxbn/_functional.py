@@ -76,8 +76,7 @@ def _affine_normalize_jvp(epsilon, primals, tangents):
   dx, dmean, dvar, dscale, dbias = tangents
   inv = lax.rsqrt(var + epsilon)
   mul = _multiplier(var, scale, epsilon)
-  centred = x - mean
-  y = centred * mul
+  y = (x - mean) * mul
   dmul = -0.5 * inv * inv * dvar * mul  # d rsqrt(var + eps) * scale
   if scale is not None:
     dmul = dmul + inv * dscale
@@ -85,7 +84,15 @@ def _affine_normalize_jvp(epsilon, primals, tangents):
   if bias is not None:
     y = y + bias
     offset = offset + dbias
-  return y, dx * mul + centred * dmul + offset
+  return y, dx * mul + _times_centred(x, mean, dmul) + offset
+
+
+@jax.checkpoint
+def _times_centred(x, mean, dmul):
+  # Rematerialized, so the backward pass keeps x (which it reads anyway), not
+  # a full-size centred copy: ``sum(cotangent * (x - mean))`` is then one
+  # fused reduction, and the copy's write, read and fresh pages are saved.
+  return (x - mean) * dmul
 
 
 def update_state(state: BatchNormState, batch: Moments, *, momentum=0.99,

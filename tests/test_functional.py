@@ -279,6 +279,35 @@ def test_normalize_derivatives_match_finite_differences(affine, dtype):
     check_grads(f, args, order=2, modes=('fwd', 'rev'))
 
 
+def _full_size_buffers(compiled_hlo: str, shape) -> list[str]:
+  """Instructions of the entry computation that produce a ``shape`` f32 array."""
+  entry = compiled_hlo[compiled_hlo.index('\nENTRY'):]
+  result = 'f32[' + ','.join(map(str, shape)) + ']'
+  return [line.split('=')[0].strip() for line in entry.splitlines()
+          if f'= {result}' in line and ' parameter(' not in line and ' bitcast(' not in line]
+
+
+def test_training_backward_writes_no_full_size_buffer_but_dx():
+  # Training forward+backward needs x, the cotangent and per-feature sums;
+  # the only array-sized buffer it has to write is dx. A stored centred
+  # copy of x (what autodiff keeps for sum(g * (x - mean))) would cost a
+  # write and a read of the whole array, plus its page faults on CPU.
+  shape = (32, 16, 16, 64)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape, np.float32) + 3.0)
+  g = jnp.asarray(rng.standard_normal(shape, np.float32))
+  state = jaxbn.init_state(shape[-1])
+  scale, bias = jnp.ones(shape[-1]), jnp.zeros(shape[-1])
+
+  def loss(x, scale, bias, g):
+    y, _ = jaxbn.batch_norm(x, state, scale, bias, training=True)
+    return jnp.sum(y * g)
+
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  buffers = _full_size_buffers(grads.lower(x, scale, bias, g).compile().as_text(), shape)
+  assert len(buffers) == 1, buffers
+
+
 def test_ghost_batch_norm_normalizes_each_chunk():
   x = _data((12, 5))
   state = jaxbn.init_state(5)
