@@ -96,6 +96,11 @@ def main(argv=None) -> int:
 
 # The JAX process set up as ``python -m train`` runs (train/allocator.py).
 TRAIN_JOB = "JAX, python -m train's malloc"
+# Each CNN step alone in its process: interleaved with other variants, a
+# step shares the heap and the caches with their programs (each JAX variant
+# holds about 150 MiB of temporaries), which slowed train's by 10-17%.
+ALONE_JOBS = {"JAX": "JAX, python -m train's step alone",
+              "NCHW": "PyTorch, NCHW alone", "channels_last": "PyTorch, channels_last alone"}
 
 
 def worker_jobs(only, quick: bool, repeats: int, backend: str) -> dict:
@@ -117,6 +122,13 @@ def worker_jobs(only, quick: bool, repeats: int, backend: str) -> dict:
     jobs = {"JAX": jax_job(), "PyTorch": torch_job()}
     if "cnn" in tasks and cpu:
         jobs[TRAIN_JOB] = jax_job(dict(spec, tasks=["cnn"], train_malloc=True))
+    if "cnn" in tasks:
+        from benchmarks.cnn import TRAIN_VARIANT
+
+        jobs[ALONE_JOBS["JAX"]] = jax_job(dict(spec, tasks=["cnn"], train_malloc=cpu,
+                                               variants=[TRAIN_VARIANT]))
+        for layout in ("NCHW", "channels_last"):
+            jobs[ALONE_JOBS[layout]] = torch_job(dict(torch_spec, tasks=["cnn"], variants=[layout]))
     if quick:
         # A smoke test of each kind of setting, on the cheapest process.
         small = dict(torch_spec, tasks=["bn"])
@@ -147,11 +159,13 @@ def worker_tables(only, runs: dict) -> list[tuple[str, str]]:
     if "cnn" in only:
         out.append(("CNN train step (train/ default cnn): JAX variants vs PyTorch",
                     report.cnn_table(jax_run, torch_run, runs.get(TRAIN_JOB))))
+        out.append(("CNN train step, each alone in its own processes: python -m train vs PyTorch",
+                    report.alone_table({key: runs[name] for key, name in ALONE_JOBS.items()})))
         if torch_run:
             out.append(("CNN convolutions alone in separate processes: JAX (train.conv, "
                         "train's compiler options) vs PyTorch", report.layers_table(jax_run, torch_run)))
     if any(", " in name for name in runs):  # processes under other settings
-        out.append(("Worker process settings: glibc malloc, one core",
+        out.append(("Worker process settings: glibc malloc, one core, one CNN step alone",
                     report.settings_table(runs)))
         out.append(("Fastest configuration of each framework (from all worker processes above)",
                     report.best_table(runs)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
+from typing import Sequence
 from unittest import mock
 
 import jax
@@ -35,6 +36,8 @@ VARIANTS = {
     "Conv + max_pool": (conv.Conv, conv.max_pool),
 }
 REFERENCE = "flax"
+# The variant python -m train runs (train/models.py builds it).
+TRAIN_VARIANT = "Conv + max_pool"
 CONVS = (nnx.Conv, conv.Conv)
 
 
@@ -110,10 +113,11 @@ def variants(quick: bool) -> tuple[str, ...]:
     return (REFERENCE, "Conv + max_pool") if quick else tuple(VARIANTS)
 
 
-def run_steps(quick: bool, repeats: int) -> dict:
-    """Per variant: median step seconds, images/s, first-step seconds, faults per step."""
+def run_steps(quick: bool, repeats: int, names: Sequence[str] | None = None) -> dict:
+    """Per variant (default: all): median step seconds, images/s, first-step seconds,
+    faults per step."""
     n = batch_size(quick)
-    steppers = {name: Stepper(name, n) for name in variants(quick)}
+    steppers = {name: Stepper(name, n) for name in (names or variants(quick))}
     times = timing.medians(timing.interleave(steppers, repeats))
     return {name: {"step": times[name], "images_per_second": n / times[name],
                    "first_step": s.first_step_seconds, "faults_per_step": timing.faults_per_call(s)}

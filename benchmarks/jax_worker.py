@@ -2,11 +2,13 @@
 
 ``python -m benchmarks.jax_worker '{"tasks": ["bn", "cnn", "layers"], "quick": false,
 "repeats": 9}'`` prints one JSON line: per task, median seconds (and page
-faults per call, which show the allocator's share).
+faults per call, which show the allocator's share). ``"variants": [...]``
+limits the CNN step to those variants.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
@@ -31,7 +33,8 @@ def main(spec: dict) -> dict:
     procs.pin_cores(spec.get("cores"))
     if spec.get("train_malloc"):
         tune_malloc()  # as python -m train does
-    tasks = {"bn": bn_task, "cnn": cnn.run_steps, "layers": cnn.run_torch_comparable_layers}
+    tasks = {"bn": bn_task, "cnn": functools.partial(cnn.run_steps, names=spec.get("variants")),
+             "layers": cnn.run_torch_comparable_layers}
     out = {"backend": jax.default_backend()}
     for task in spec["tasks"]:
         out[task] = tasks[task](spec["quick"], spec["repeats"])

@@ -87,6 +87,24 @@ def cnn_table(jax_run: dict, torch_run: dict | None, train_run: dict | None = No
     return timing.table(headers, table_rows)
 
 
+def alone_table(runs: dict[str, dict]) -> str:
+    """train's step and PyTorch's in each layout, each timed in processes of its own.
+
+    ``runs``: the worker results under the keys ``"JAX"``, ``"NCHW"`` and
+    ``"channels_last"``.
+    """
+    steps = {key: next(iter(run["cnn"].values())) for key, run in runs.items()}
+    labels = {"JAX": f"JAX {cnn.TRAIN_VARIANT} (python -m train: its step, its malloc)",
+              "NCHW": "PyTorch NCHW", "channels_last": "PyTorch channels_last"}
+    rows = []
+    for key, r in steps.items():
+        speed = r["images_per_second"]
+        rows.append([labels[key], timing.ms(r["step"]), f"{speed:.0f}", timing.ms(r["first_step"]),
+                     *(f"{speed / steps[t]['images_per_second']:.2f}x" for t in ("NCHW", "channels_last"))])
+    return timing.table(["step", "median step", "images/s", "first step (compile)",
+                         "speed / PyTorch NCHW", "speed / PyTorch channels_last"], rows)
+
+
 def layers_table(jax_run: dict, torch_run: dict) -> str:
     """train.conv's convolutions and XLA's matmul vs PyTorch's, per layer."""
     torch_layers = torch_run["layers"]

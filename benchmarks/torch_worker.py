@@ -2,11 +2,13 @@
 
 Same shapes and architecture as the JAX side; never imports JAX.
 ``python -m benchmarks.torch_worker '{"tasks": ["bn", "cnn"], "quick": false,
-"repeats": 9, "device": "cpu"}'`` prints one JSON line.
+"repeats": 9, "device": "cpu"}'`` prints one JSON line; ``"variants": [...]``
+limits the CNN step to those layouts.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -98,9 +100,9 @@ class Stepper:
         _synchronize(self.device)
 
 
-def cnn_task(quick, repeats, device):
+def cnn_task(quick, repeats, device, names=None):
     n = 8 if quick else 128
-    steppers = {name: Stepper(layout, n, device) for name, layout in LAYOUTS.items()}
+    steppers = {name: Stepper(LAYOUTS[name], n, device) for name in (names or LAYOUTS)}
     times = timing.medians(timing.interleave(steppers, repeats))
     return {name: {"step": times[name], "images_per_second": n / times[name],
                    "first_step": s.first_step_seconds, "faults_per_step": timing.faults_per_call(s)}
@@ -144,7 +146,8 @@ def main(spec):
     device = torch.device(spec["device"])
     if device.type == "cpu":
         torch.set_num_threads(len(os.sched_getaffinity(0)))
-    tasks = {"bn": bn_task, "cnn": cnn_task, "layers": layers_task}
+    tasks = {"bn": bn_task, "cnn": functools.partial(cnn_task, names=spec.get("variants")),
+             "layers": layers_task}
     out = {"threads": torch.get_num_threads(), "device": device.type}
     for task in spec["tasks"]:
         out[task] = tasks[task](spec["quick"], spec["repeats"], device)

@@ -32,7 +32,7 @@ def test_quick_run_prints_every_section_with_ratios(quick_run):
     for title in ("BN train fwd+bwd: median time (ratio to flax.linen)", "BN eval",
                   "XLA memory_analysis", "CNN layers: Flax vs train.conv",
                   "JAX (NHWC) vs PyTorch BatchNorm2d", "CNN train step",
-                  "CNN convolutions alone",
+                  "CNN convolutions alone", "each alone in its own processes",
                   "Worker process settings", "Data-parallel scaling"):
         assert title in stdout
     assert "(1.00x)" in stdout  # the reference column of the BN tables
