@@ -280,11 +280,18 @@ def test_normalize_derivatives_match_finite_differences(affine, dtype):
 
 
 def _full_size_buffers(compiled_hlo: str, shape) -> list[str]:
-  """Instructions of the entry computation that produce a ``shape`` f32 array."""
+  """Instructions of the entry computation that write a ``shape`` f32 array
+  (one entry per such output, tuple-shaped results included)."""
   entry = compiled_hlo[compiled_hlo.index('\nENTRY'):]
-  result = 'f32[' + ','.join(map(str, shape)) + ']'
-  return [line.split('=')[0].strip() for line in entry.splitlines()
-          if f'= {result}' in line and ' parameter(' not in line and ' bitcast(' not in line]
+  array = 'f32[' + ','.join(map(str, shape)) + ']'
+  views = (' parameter(', ' bitcast(', ' get-tuple-element(', ' tuple(')
+  found = []
+  for line in entry.splitlines():
+    name, _, rest = line.partition(' = ')
+    result_type = rest.split('{')[0] if rest.startswith('f32') else rest.split(') ')[0]
+    if rest and not any(v in line for v in views):
+      found += [name.strip()] * result_type.count(array)
+  return found
 
 
 def test_training_backward_writes_no_full_size_buffer_but_dx():
