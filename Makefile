@@ -14,11 +14,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Each run gets its own output folder, so earlier runs are kept. Compiled
+# programs are kept in .cache/xla: a second run skips most of its
+# compilation (the CNN's first step: about 0.6 s instead of 3).
 train: $(STAMP)
-	$(PY) -m train
+	$(PY) -m train --compile-cache .cache/xla --out runs/make-train-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	JAXBN_DATA=$${JAXBN_DATA:-$(abspath ../shared/data)} $(PY) -m pytest -n 2 -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache runs
+	rm -rf $(VENV) .pytest_cache runs .cache

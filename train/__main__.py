@@ -48,7 +48,7 @@ def _main(argv, stop: StopFlag) -> int:
     except DataError as e:
         return _fail(str(e), 1)
     try:
-        from train import loop
+        from train import loop, steps
         from train.checkpoint import CheckpointError
         # Processes of a multi-process run stop together (loop.agreed_stop).
         if stop and cfg.num_processes == 1:
@@ -56,6 +56,7 @@ def _main(argv, stop: StopFlag) -> int:
         try:
             cfg = loop.resume_config(explicit) if explicit.get("resume") else resolve(
                 Config(**explicit))
+            steps.use_compile_cache(cfg.compile_cache)
             code, _ = loop.run(cfg, started=STARTED, stop=stop)
             return code
         except Interrupted as e:

@@ -41,9 +41,10 @@ TRAINING_FIELDS = (
     "virtual_batch_size", "bn_group_size", "augment_shift",
 )
 
-# How this process joins a multi-process run: set per launch, never taken
-# from a checkpoint (the coordinator's port and the process id change).
-LAUNCH_FIELDS = ("coordinator", "num_processes", "process_id")
+# Set per launch, never taken from a checkpoint: how this process joins a
+# multi-process run (the coordinator's port and the process id change) and
+# where it keeps compiled programs.
+LAUNCH_FIELDS = ("coordinator", "num_processes", "process_id", "compile_cache")
 
 
 class ConfigError(ValueError):
@@ -88,6 +89,7 @@ class Config:
     coordinator: str | None = None
     num_processes: int = 1
     process_id: int = 0
+    compile_cache: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -297,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="running-statistics momentum, flax convention (default: 0.9)")
     p.add_argument("--virtual-batch-size", type=_int, metavar="V",
                    help="ghost batch size for --norm ghost (default: 16)")
+    p.add_argument("--compile-cache", metavar="DIR",
+                   help="keep compiled programs in DIR for later runs, which then skip most "
+                        "of their compilation; 'off' for no cache (default: JAX's own "
+                        "setting, on where JAX_COMPILATION_CACHE_DIR is set)")
     return p
 
 

@@ -108,6 +108,51 @@ def test_cli_run_writes_the_documented_outputs(tmp_path):
         "metrics.jsonl", "summary.json", "loss.png", "accuracy.png", "checkpoints"}
 
 
+def _cache_entries(directory):
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+def test_compile_cache_is_reused_with_identical_results(tmp_path):
+    # The CNN's train step compiles for seconds on CPU (JAX keeps programs
+    # that take over one); loaded from the cache, it must give the very
+    # same run, and the first step must be quicker.
+    cache = tmp_path / "xla"
+    args = ["--limit-train", "256", "--epochs", "1", "--compile-cache", cache]
+    summaries = []
+    for i in range(2):
+        proc = run_cli(*args, "--out", tmp_path / f"run{i}")
+        assert proc.returncode == 0, proc.stderr
+        summaries.append(json.loads((tmp_path / f"run{i}" / "summary.json").read_text()))
+        if i == 0:
+            written = _cache_entries(cache)
+            assert any(name.startswith("jit_train_step") for name in written), written
+    assert _cache_entries(cache) == written  # nothing compiled anew
+    assert summaries[1]["state_sha256"] == summaries[0]["state_sha256"]
+    assert summaries[1]["first_step_seconds"] < 0.75 * summaries[0]["first_step_seconds"]
+    # A damaged entry (a run killed while writing it) costs a warning and a
+    # compilation, nothing else.
+    for name in written:
+        (cache / name).write_bytes(b"torn")
+    proc = run_cli(*args, "--out", tmp_path / "run2")
+    assert proc.returncode == 0, proc.stderr
+    assert "Error reading persistent compilation cache entry" in proc.stderr
+    summary = json.loads((tmp_path / "run2" / "summary.json").read_text())
+    assert summary["state_sha256"] == summaries[0]["state_sha256"]
+
+
+def test_compile_cache_off_overrides_jax_environment(tmp_path):
+    cache = tmp_path / "xla"
+    env = cli_env(JAX_COMPILATION_CACHE_DIR=str(cache))
+    args = ["--limit-train", "256", "--epochs", "1"]
+    proc = run_cli(*args, "--out", tmp_path / "off", "--compile-cache", "off", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert _cache_entries(cache) == []
+    # Without the option, JAX's own setting holds.
+    proc = run_cli(*args, "--out", tmp_path / "jax", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert _cache_entries(cache)
+
+
 def _wait_for_lines(path, n, proc, deadline):
     while time.monotonic() < deadline and proc.poll() is None:
         if path.exists() and len(path.read_bytes().splitlines()) >= n:
