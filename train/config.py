@@ -153,6 +153,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--augment-shift must be 0 to 4 pixels, got {cfg.augment_shift}")
     if cfg.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {cfg.seed}")
+    if cfg.compile_cache is not None and not cfg.compile_cache.strip():
+        raise ConfigError("--compile-cache needs a folder, or 'off' for no cache")
     _validate_parallel(cfg)
     if cfg.batch_size is not None:
         if cfg.batch_size % cfg.devices:

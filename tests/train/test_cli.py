@@ -30,6 +30,7 @@ def assert_one_line_error(proc, *fragments):
     (["--batch-size", "0"], ["--batch-size must be at least 1"]),
     (["--epochs", "0"], ["--epochs must be at least 1"]),
     (["--lr", "fast"], ["--lr", "expected a number"]),
+    (["--compile-cache", ""], ["--compile-cache needs a folder, or 'off'"]),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, fragments):
     proc = run_cli(*args)
