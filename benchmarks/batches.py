@@ -22,6 +22,8 @@ def bn_shape(quick: bool, backend: str) -> tuple[int, int, int, int]:
     if quick:
         return BN_SHAPES["quick"]
     return BN_SHAPES["cpu" if backend == "cpu" else "gpu"]
+
+
 IMAGE = (28, 28, 1)
 NUM_CLASSES = 10
 

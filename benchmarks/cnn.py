@@ -110,7 +110,7 @@ class Stepper:
 
 def variants(quick: bool) -> tuple[str, ...]:
     # Every variant compiles for several seconds: quick runs keep the two ends.
-    return (REFERENCE, "Conv + max_pool") if quick else tuple(VARIANTS)
+    return (REFERENCE, TRAIN_VARIANT) if quick else tuple(VARIANTS)
 
 
 def run_steps(quick: bool, repeats: int, names: Sequence[str] | None = None) -> dict:

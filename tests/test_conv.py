@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from jax.test_util import check_grads
 
-from train.conv import Conv, conv, kernel_grad, max_pool, xla_kernel_grad
+from train.conv import Conv, conv, explicit_pads, kernel_grad, max_pool, xla_kernel_grad
 
 # (input shape, out features, kernel size, strides, padding): the CNN's and
 # ResNet's layers (3x3 'SAME', stride 1 and 2, 1x1 projections), plus VALID,
@@ -128,10 +128,7 @@ def test_both_kernel_gradients_are_within_the_rounding_bound(case):
     x = _normal(1, shape)
     kernel = _normal(2, kernel_size + (shape[-1], cout))
     strides = (strides,) * len(kernel_size) if isinstance(strides, int) else tuple(strides)
-    pads = padding
-    if isinstance(padding, str):
-        pads = jax.lax.padtype_to_pads(shape[1:-1], kernel_size, strides, padding)
-    pads = tuple(tuple(p) for p in pads)
+    pads = explicit_pads(shape[1:-1], kernel_size, strides, padding)
     g = _normal(3, conv(x, kernel, strides, padding).shape)
     exact, magnitude, n = _exact_kernel_grad(x, g, case)
     bound = n * np.finfo(np.float32).eps * magnitude

@@ -100,10 +100,15 @@ class Conv(nnx.Module):
 
 def conv(x, kernel, strides: Sequence[int], padding):
     """Channels-last convolution (``x``: N...C, ``kernel``: ...IO), im2col kernel gradient."""
-    window = kernel.shape[:-2]
+    pads = explicit_pads(x.shape[1:-1], kernel.shape[:-2], strides, padding)
+    return _conv(x, kernel, tuple(strides), pads)
+
+
+def explicit_pads(spatial, window, strides, padding) -> tuple[tuple[int, int], ...]:
+    """``padding`` ('SAME', 'VALID' or (low, high) pairs) as (low, high) pairs."""
     if isinstance(padding, str):
-        padding = lax.padtype_to_pads(x.shape[1:-1], window, strides, padding)
-    return _conv(x, kernel, tuple(strides), tuple(tuple(p) for p in padding))
+        padding = lax.padtype_to_pads(spatial, window, strides, padding)
+    return tuple(tuple(p) for p in padding)
 
 
 def _dimension_numbers(ndim):
