@@ -392,12 +392,19 @@ def agreed_stop(flag: StopFlag | None, num_processes: int) -> int | None:
     alone would leave the others waiting in the next step's collectives. A
     signal sent to one process (a scheduler preempting one host) thus stops
     them all, each at a safe point, with one checkpoint.
+
+    Only the agreed value decides, and the flag is set to it when it says
+    stop, never cleared: a signal that arrives while the processes compare
+    theirs stays in the flag for the next comparison.
     """
     local = flag.signum if flag else None
     if num_processes == 1:
         return local
     signums = multihost_utils.process_allgather(np.int32(local or 0))
-    return int(np.max(signums)) or None
+    agreed = int(np.max(signums)) or None
+    if agreed and flag is not None:
+        flag.signum = agreed
+    return agreed
 
 
 def norm_options(cfg: Config) -> models.NormOptions:
@@ -530,8 +537,7 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                                   len(xb) / dt if dt > 0 else 0.0)
                     if interrupt_at_step is not None and gstep == interrupt_at_step:
                         flag.signum = signal.SIGINT
-                    flag.signum = agreed_stop(flag, cfg.num_processes)
-                    if flag:
+                    if agreed_stop(flag, cfg.num_processes):
                         return _interrupted(cfg, flag, save_checkpoint, progress, gstep)
 
                 t_eval = time.perf_counter()
@@ -547,8 +553,7 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                                                        "train_loss", "train_accuracy")}
                 book.new_epoch(epoch + 1)
                 save_checkpoint()
-                flag.signum = agreed_stop(flag, cfg.num_processes)
-                if flag:
+                if agreed_stop(flag, cfg.num_processes):
                     return _interrupted(cfg, flag, save_checkpoint, progress, (epoch + 1) * spe)
     finally:
         metrics_file.close()

@@ -26,6 +26,7 @@ from conftest import REPO, cli_env, run_cli
 from test_cli import assert_one_line_error
 from train import checkpoint, loop, models, steps
 from train.config import Config, ConfigError, parse_args, resolve
+from train.signals import StopFlag
 
 ATOL = 2e-5
 SMALL = dict(model="cnn", limit_train=256, batch_size=64, epochs=1)
@@ -242,3 +243,25 @@ def test_a_signal_to_one_process_stops_all_with_one_checkpoint(tmp_path):
     assert all("error" not in err for _, err in outputs), outputs
     summary = json.loads(summary_path.read_text())
     assert summary["resumed_from_step"] == step and summary["steps"] == 6 * 32
+
+
+def test_agreed_stop_keeps_a_signal_that_arrives_while_comparing(monkeypatch):
+    # The signal handler can run while process_allgather waits for the other
+    # processes; the signal must then stay set for the next comparison
+    # rather than be overwritten by this comparison's "no stop".
+    flag = StopFlag()
+    gathered = []
+
+    def allgather(value):
+        gathered.append(int(value))
+        if len(gathered) == 1:
+            flag.signum = signal.SIGINT  # arrives during the first comparison
+        return np.array([value, 0])
+
+    monkeypatch.setattr(loop.multihost_utils, "process_allgather", allgather)
+    assert loop.agreed_stop(flag, 2) is None and flag.signum == signal.SIGINT
+    assert loop.agreed_stop(flag, 2) == signal.SIGINT and gathered == [0, signal.SIGINT]
+    other = StopFlag()  # a signal to another process stops this one too
+    monkeypatch.setattr(loop.multihost_utils, "process_allgather",
+                        lambda value: np.array([value, signal.SIGTERM]))
+    assert loop.agreed_stop(other, 2) == signal.SIGTERM and other.signum == signal.SIGTERM
