@@ -7,7 +7,7 @@ import sys
 from conftest import REPO, cli_env
 
 # train's CNN step at batch 128, warmed up; minor page faults (first touches
-# of fresh pages) per step.
+# of fresh pages) of each of eight steps.
 PROGRAM = """
 import json, sys
 from train.allocator import tune_malloc
@@ -15,7 +15,8 @@ tuned = tune_malloc() if sys.argv[1] == "tuned" else False
 from benchmarks import cnn, timing
 step = cnn.Stepper("Conv + max_pool", 128)
 step()
-print(json.dumps({"tuned": tuned, "faults_per_step": timing.faults_per_call(step, 4)}))
+faults = [timing.faults_per_call(step, 1) for _ in range(8)]
+print(json.dumps({"tuned": tuned, "faults_per_step": faults}))
 """
 
 
@@ -29,11 +30,13 @@ def _faults(mode: str, **env) -> dict:
 def test_tuned_malloc_cuts_page_faults():
     default, tuned = _faults("default"), _faults("tuned")
     assert tuned["tuned"] and not default["tuned"]
-    # Measured: about 16,000 faults per step with glibc's defaults (every
-    # buffer above the mmap threshold is mapped afresh), 0 or 3,384 tuned
-    # (depending on where the heap's free blocks fall).
-    assert default["faults_per_step"] > 8000
-    assert tuned["faults_per_step"] < default["faults_per_step"] / 3
+    # Measured: about 14,000 faults in every step with glibc's defaults (every
+    # buffer above the mmap threshold is mapped afresh); tuned, 0 in a step
+    # that reuses the heap. Under load the tuned heap can grow for a few steps
+    # (other thread interleavings raise the peak: ~13,000 faults each in 3 of
+    # 12 steps with two busy processes beside it), so compare the quietest step.
+    assert min(default["faults_per_step"]) > 8000
+    assert min(tuned["faults_per_step"]) < min(default["faults_per_step"]) / 3
 
 
 def test_user_malloc_settings_win():
