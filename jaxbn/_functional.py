@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _checks
-from jaxbn._moments import Moments, centre, reduce_moments, stats_dtype
+from jaxbn._moments import Moments, reduce_moments, separate_reads, stats_dtype
 from jaxbn._state import BatchNormState
 
 
@@ -48,16 +48,29 @@ def normalize(x, mean, var, scale=None, bias=None, *, axis=-1, epsilon=1e-5, dty
   x = _checks.float_array(x)
   feature_axes = _checks.canonical_axes(axis, x.ndim)
   _checks.epsilon(epsilon)
+  return _normalize(x, mean, var, scale, bias, feature_axes, epsilon, dtype or x.dtype)
+
+
+def _normalize(x, mean, var, scale, bias, feature_axes, epsilon, dtype, narrow=None):
+  """``normalize`` without the argument checks.
+
+  ``narrow``: as in ``reduce_moments``, ``x`` before widening; the backward
+  pass's reduction over ``x - mean`` reads it instead of ``x``.
+  """
   shape = _broadcast_shape(x.shape, feature_axes)
   per_feature = [None if v is None else jnp.reshape(v, shape) for v in (mean, var, scale, bias)]
-  return _affine_normalize(x, *per_feature, epsilon).astype(dtype or x.dtype)
+  reads = x if narrow is None else lax.stop_gradient(narrow)
+  return _affine_normalize(x, reads, *per_feature, epsilon, jnp.dtype(dtype))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
-def _affine_normalize(x, mean, var, scale, bias, epsilon):
-  """``normalize`` on per-feature arrays already shaped to broadcast against ``x``."""
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7))
+def _affine_normalize(x, reads, mean, var, scale, bias, epsilon, dtype):
+  """``normalize`` on per-feature arrays already shaped to broadcast against ``x``.
+
+  ``reads`` holds ``x``'s values, maybe in a narrower dtype, for the backward.
+  """
   y = (x - mean) * _multiplier(var, scale, epsilon)
-  return y if bias is None else y + bias
+  return (y if bias is None else y + bias).astype(dtype)
 
 
 def _multiplier(var, scale, epsilon):
@@ -66,14 +79,14 @@ def _multiplier(var, scale, epsilon):
 
 
 @_affine_normalize.defjvp
-def _affine_normalize_jvp(epsilon, primals, tangents):
+def _affine_normalize_jvp(epsilon, dtype, primals, tangents):
   # The derivative autodiff would give, arranged so that its transpose
   # (the backward pass) reduces the cotangent once per per-feature input:
   # the per-feature tangents are combined before they are broadcast, so
   # XLA never materializes a full-size ``cotangent * multiplier`` just to
   # sum it (one array pass fewer than autodiff of the forward).
-  x, mean, var, scale, bias = primals
-  dx, dmean, dvar, dscale, dbias = tangents
+  x, reads, mean, var, scale, bias = primals
+  dx, _, dmean, dvar, dscale, dbias = tangents
   inv = lax.rsqrt(var + epsilon)
   mul = _multiplier(var, scale, epsilon)
   y = (x - mean) * mul
@@ -84,15 +97,53 @@ def _affine_normalize_jvp(epsilon, primals, tangents):
   if bias is not None:
     y = y + bias
     offset = offset + dbias
-  return y, dx * mul + _times_centred(x, mean, dmul) + offset
+  # Its own conversion on CPU, see ``separate_reads``.
+  reads = lax.platform_dependent(reads, cpu=lambda r: separate_reads(r, 1)[0],
+                                 default=lambda r: r)
+  parts = (dx * mul, jnp.broadcast_to(offset, x.shape), _times_centred(x, reads, mean, dmul))
+  return y.astype(dtype), _cast_sum(parts, dtype)
 
 
 @jax.checkpoint
-def _times_centred(x, mean, dmul):
+def _times_centred(x, reads, mean, dmul):
   # Rematerialized, so the backward pass keeps x (which it reads anyway), not
   # a full-size centred copy: ``sum(cotangent * (x - mean))`` is then one
   # fused reduction, and the copy's write, read and fresh pages are saved.
-  return (x - mean) * dmul
+  return (_values_of(x, reads) - mean) * dmul
+
+
+@jax.custom_jvp
+def _values_of(x, reads):
+  """``x``, computed from ``reads`` (the same values, maybe narrower) but
+  differentiated as ``x``: the array read can differ from the one whose
+  derivatives matter (higher orders included)."""
+  return reads.astype(x.dtype)
+
+
+@_values_of.defjvp
+def _values_of_jvp(primals, tangents):
+  return _values_of(*primals), tangents[0]
+
+
+def _cast_sum(parts, dtype):
+  """``sum(parts).astype(dtype)``, with a backward that widens the cotangent
+  once per part where it is narrower.
+
+  On CPU, when ``dtype`` is narrower than the parts, each part after the
+  first is cast on its own behind a barrier: the backward then converts the
+  narrow cotangent separately for each of the two reductions instead of
+  writing one wide copy for both (see ``jaxbn._moments.separate_reads``). The
+  tangent itself is rounded per part there, ~1 ulp of ``dtype`` more.
+  """
+  first, *rest = parts
+  total = lambda *parts: functools.reduce(jnp.add, parts).astype(dtype)
+  if first.dtype == dtype:
+    return total(*parts)
+
+  def cast_apart(first, *rest):
+    rest = lax.optimization_barrier(tuple(p.astype(dtype) for p in rest))
+    return functools.reduce(jnp.add, (first.astype(dtype),) + rest)
+  return lax.platform_dependent(*parts, cpu=cast_apart, default=total)
 
 
 def update_state(state: BatchNormState, batch: Moments, *, momentum=0.99,
@@ -203,17 +254,14 @@ def batch_norm(
   reduction_axes = _checks.complement_axes(feature_axes, x.ndim)
   if mask is None and axis_name is None:
     _checks.more_than_one_value(x.shape, reduction_axes)
-  if mask is None and x.dtype != stats_dtype(x.dtype):
-    centred, origin = centre(x, reduction_axes)
-    batch = reduce_moments(centred, reduction_axes, origin=origin, axis_name=axis_name,
-                           axis_index_groups=axis_index_groups)
-    y = normalize(centred, batch.mean - origin, batch.var, scale, bias,
-                  axis=feature_axes, epsilon=epsilon, dtype=dtype or x.dtype)
-  else:
-    batch = reduce_moments(x, reduction_axes, mask=mask, axis_name=axis_name,
-                           axis_index_groups=axis_index_groups)
-    y = normalize_masked(x, mask, batch.mean, batch.var, scale, bias,
-                          axis=feature_axes, epsilon=epsilon, dtype=dtype)
+  # One widened x for the statistics and the normalization: the parts of
+  # dx from both are summed in float32, then rounded once.
+  wide = x.astype(stats_dtype(x.dtype))
+  batch = reduce_moments(wide, reduction_axes, mask=mask, axis_name=axis_name,
+                         axis_index_groups=axis_index_groups, narrow=x)
+  y = masked_apply(lambda wide: _normalize(
+      wide, batch.mean, batch.var, scale, bias, feature_axes, epsilon, dtype or x.dtype,
+      narrow=x if mask is None else None), wide, mask)
   new_state = update_state(state, batch, momentum=momentum, running_var=running_var)
   return y, new_state
 

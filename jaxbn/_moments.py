@@ -22,9 +22,8 @@ Either way the derivative is the exact one (a ``custom_jvp``), not that of
 the algorithm. With a mask the first sample may be masked out (and hold
 NaN), so ``c`` is the masked mean from a first pass: the corrected two-pass
 algorithm, whose ``sum(x - c)`` term also cancels the rounding error of
-that first mean. Narrow inputs (bfloat16, float16) are widened and centred
-on their first sample in one step (:func:`centre`), and that copy is
-normalized too.
+that first mean. Narrow inputs (bfloat16, float16) are widened inside each
+reduction, never as a stored copy (see :func:`separate_reads`).
 
 Cross-device. Each device reduces its own ``(n_i, mean_i, M2_i)``; a single
 ``all_gather`` of that small per-feature triple lets every device combine
@@ -76,23 +75,27 @@ def reduce_moments(
     mask: jax.Array | None = None,
     axis_name=None,
     axis_index_groups=None,
-    origin=None,
+    narrow=None,
 ) -> Moments:
   """Moments of ``x`` over ``reduction_axes``; the kept axes stay in order.
 
   ``mask`` must already have ``x``'s shape. With ``axis_name`` the result
-  covers every device of the named axis (or of its group). ``origin``
-  (unmasked only) says ``x`` is already centred, as :func:`centre` returns
-  it: the returned mean has ``origin`` added back.
+  covers every device of the named axis (or of its group). ``narrow``: when
+  ``x`` is a widened narrow array (``x == narrow.astype(stats dtype)``), the
+  unmasked sums read ``narrow`` and widen it themselves, while derivatives
+  still flow through ``x``; a caller that uses ``x`` elsewhere too then gets
+  every part of its gradient summed in the wide dtype. Narrow inputs
+  without it are widened here.
   """
   reduction_axes = tuple(reduction_axes)
   kept_shape = tuple(d for i, d in enumerate(x.shape) if i not in reduction_axes)
-  x = x.astype(stats_dtype(x.dtype))
+  if narrow is None:
+    x, narrow = _widened(x), x
   real = jnp.finfo(x.dtype).dtype
   if mask is None:
-    mean, var = _unmasked_moments(x, reduction_axes)
+    mean, var = _unmasked_moments(x, lax.stop_gradient(narrow), reduction_axes)
     count = jnp.full(kept_shape, _size(x.shape, reduction_axes), real)
-    local = Moments(mean=mean if origin is None else origin + mean, var=var, count=count)
+    local = Moments(mean=mean, var=var, count=count)
   else:
     count = jnp.sum(mask, axis=reduction_axes, dtype=real)
     masked_sum = jnp.sum(jnp.where(mask, x, 0), axis=reduction_axes, keepdims=True)
@@ -109,11 +112,12 @@ def reduce_moments(
   return _pool_across(local, axis_name, axis_index_groups)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _unmasked_moments(x, reduction_axes):
-  """``(mean, biased variance)`` of every entry; the algorithm suits the backend."""
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _unmasked_moments(x, narrow, reduction_axes):
+  """``(mean, biased variance)`` of every entry of ``x``, read from ``narrow``
+  (see ``reduce_moments``); the algorithm suits the backend."""
   return lax.platform_dependent(
-      x, cpu=functools.partial(_checked_fast_moments, reduction_axes=reduction_axes),
+      narrow, cpu=functools.partial(_checked_fast_moments, reduction_axes=reduction_axes),
       default=functools.partial(_shifted_moments, reduction_axes=reduction_axes))
 
 
@@ -121,8 +125,8 @@ def _unmasked_moments(x, reduction_axes):
 def _unmasked_moments_jvp(reduction_axes, primals, tangents):
   # The exact derivative, whichever algorithm computed the primal:
   # d mean = mean(dx), d var = 2 mean(Re(conj(x - mean) dx)).
-  (x,), (dx,) = primals, tangents
-  mean, var = _unmasked_moments(x, reduction_axes)
+  (x, narrow), (dx, _) = primals, tangents
+  mean, var = _unmasked_moments(x, narrow, reduction_axes)
   n = _size(x.shape, reduction_axes)
   centred = x - _expand(mean, reduction_axes)
   dmean = jnp.sum(dx, axis=reduction_axes) / n
@@ -141,10 +145,12 @@ def _checked_fast_moments(x, reduction_axes):
   branch becomes a select, and both run).
   """
   n = _size(x.shape, reduction_axes)
-  mean, var = _moments_of_sums(jnp.sum(x, axis=reduction_axes),
-                               jnp.sum(_abs2(x), axis=reduction_axes), n, 0.0)
+  xa, xb = separate_reads(x, 2)
+  mean, var = _moments_of_sums(jnp.sum(_widened(xa), axis=reduction_axes),
+                               jnp.sum(_abs2(_widened(xb)), axis=reduction_axes), n, 0.0)
   ill_conditioned = jnp.any(_abs2(mean) > CONDITION_LIMIT * var)
-  recentred = lambda mean: _moments_about(x, _expand(mean, reduction_axes), reduction_axes)
+  recentred = lambda mean: _moments_about(x, _expand(mean, reduction_axes), reduction_axes,
+                                          own_reads=True)
   return lax.cond(ill_conditioned, recentred, lambda mean: (mean, var), mean)
 
 
@@ -155,6 +161,7 @@ def _shifted_moments(x, reduction_axes):
   the three samples are outliers (one outlier as the shift would cost
   ``log2(|outlier - mean|^2 / var)`` bits).
   """
+  x = _widened(x)
   return _moments_about(x, _median_of_three(x, reduction_axes), reduction_axes)
 
 
@@ -173,29 +180,37 @@ def _median_of_three(x, reduction_axes):
   return median(a, b, c)
 
 
-def _moments_about(x, shift, reduction_axes):
-  """``(mean, var)`` from the sums of ``x - shift`` and ``|x - shift|^2``."""
+def _moments_about(x, shift, reduction_axes, own_reads=False):
+  """``(mean, var)`` from the sums of ``x - shift`` and ``|x - shift|^2``.
+
+  ``own_reads``: each sum reads (and widens) ``x`` itself, see :func:`separate_reads`.
+  """
   # Two subtractions XLA cannot merge into one: each then fuses into its
   # own reduction and the centred array is never written to memory.
-  s1 = jnp.sum(x - shift, axis=reduction_axes)
-  s2 = jnp.sum(_abs2(x - lax.optimization_barrier(shift)), axis=reduction_axes)
+  xa, xb = separate_reads(x, 2) if own_reads else (x, x)
+  s1 = jnp.sum(_widened(xa) - shift, axis=reduction_axes)
+  s2 = jnp.sum(_abs2(_widened(xb) - lax.optimization_barrier(shift)), axis=reduction_axes)
   return _moments_of_sums(s1, s2, _size(x.shape, reduction_axes), shift.reshape(s1.shape))
 
 
-def centre(x, reduction_axes):
-  """``(x - c, c)`` in the statistics dtype, ``c`` the first sample of each feature.
+def _widened(x):
+  """``x`` in its statistics dtype (float32 for bfloat16 and float16)."""
+  return x.astype(stats_dtype(x.dtype))
 
-  For inputs narrower than their statistics (bfloat16, float16): the one
-  widened copy every reduction needs is then also centred, so it serves the
-  moments (``reduce_moments(..., origin=c)``) and the normalization alike
-  instead of sitting beside a second, centred copy. The difference of two
-  narrow numbers of similar magnitude is exact in the wider dtype. ``c`` is
-  constant for differentiation.
+
+def separate_reads(x, n):
+  """``n`` values equal to a narrow ``x`` that XLA cannot identify with it or
+  each other (a wide ``x``, which needs no conversion, ``n`` times as it is).
+
+  XLA:CPU writes a widened copy of a narrow array whose conversion has
+  several users, but widens inside a reduction that has the conversion to
+  itself: bfloat16 statistics then read x once per sum (2 bytes an entry)
+  instead of writing and reading a float32 copy (4 + 2 x 4 bytes, plus its
+  fresh pages). The barrier copies nothing.
   """
-  x = x.astype(stats_dtype(x.dtype))
-  origin = lax.stop_gradient(_first_sample(x, reduction_axes))
-  kept_shape = tuple(d for i, d in enumerate(x.shape) if i not in reduction_axes)
-  return x - origin, origin.reshape(kept_shape)
+  if x.dtype == stats_dtype(x.dtype):
+    return (x,) * n
+  return lax.optimization_barrier((x,) * n)
 
 
 def _moments_of_sums(s1, s2, count, shift):

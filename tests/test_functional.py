@@ -1,5 +1,7 @@
 """batch_norm against the float64 NumPy reference, option by option."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -178,6 +180,35 @@ def test_low_precision_far_from_zero_keeps_exact_statistics_and_gradients(dtype,
   np.testing.assert_allclose(dx, ref_dx, rtol=tol, atol=tol * np.abs(ref_dx).max())
 
 
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
+def test_low_precision_dx_is_rounded_once(dtype):
+  # dx = mul * (g - mean(g) - x_hat * mean(g * x_hat)): with a cotangent
+  # close to a + b * x_hat per feature the three terms nearly cancel. Each
+  # rounded to the input dtype before the sum (what autodiff does when both
+  # the statistics and the normalization widen x themselves; Flax's error
+  # here is 28% of the largest entry) would leave errors the size of the
+  # terms; summed in float32 and rounded once, the error is the dtype's.
+  x = jnp.asarray(_data((64, 8, 8, 16), seed=1, offset=5.0, std=2.0), dtype)
+  xs = np.asarray(x.astype(jnp.float32), np.float64)
+  g = np.asarray(jnp.asarray(3.0 + (xs - 5.0) + _data(x.shape, seed=2, offset=0.0, std=0.05),
+                             dtype), np.float32)
+
+  def loss(x):
+    y, _ = jaxbn.batch_norm(x, jaxbn.init_state(16), training=True)
+    return jnp.sum(y.astype(jnp.float32) * g)
+
+  dx = np.asarray(jax.jit(jax.grad(loss))(x), np.float64)
+  mean, var, n = np_moments(xs, (3,))
+  x_hat = (xs - mean) / np.sqrt(var + 1e-5)
+  g64 = g.astype(np.float64)
+  red = (0, 1, 2)
+  ref_dx = (g64 - g64.mean(red) - x_hat * (g64 * x_hat).mean(red)) / np.sqrt(var + 1e-5)
+  # One rounding of dx (2^-8 relative for bfloat16, 2^-11 for float16), plus
+  # the float32 sums: measured 2.2e-3 of the largest entry for bfloat16.
+  tol = 2.0 ** -7 if dtype == jnp.bfloat16 else 2.0 ** -9
+  np.testing.assert_allclose(dx, ref_dx, rtol=0, atol=tol * np.abs(ref_dx).max())
+
+
 def test_low_precision_statistics_pool_across_devices():
   # Each device centres its bfloat16 shard on its own first sample; the
   # pooled statistics and outputs must equal those of the whole batch.
@@ -280,35 +311,37 @@ def test_normalize_derivatives_match_finite_differences(affine, dtype):
 
 
 def _full_size_buffers(compiled_hlo: str, shape) -> list[str]:
-  """Instructions of the entry computation that write a ``shape`` f32 array
-  (one entry per such output, tuple-shaped results included)."""
+  """Instructions of the entry computation that write a floating-point array
+  of ``shape`` (one entry per such output, tuple-shaped results included)."""
   entry = compiled_hlo[compiled_hlo.index('\nENTRY'):]
-  array = 'f32[' + ','.join(map(str, shape)) + ']'
+  array = re.compile(r'\b(?:f64|f32|bf16|f16)\[' + ','.join(map(str, shape)) + r'\]')
   views = (' parameter(', ' bitcast(', ' get-tuple-element(', ' tuple(')
   found = []
   for line in entry.splitlines():
     name, _, rest = line.partition(' = ')
-    result_type = rest.split('{')[0] if rest.startswith('f32') else rest.split(') ')[0]
+    result_type = rest.split('{')[0] if not rest.startswith('(') else rest.split(') ')[0]
     if rest and not any(v in line for v in views):
-      found += [name.strip()] * result_type.count(array)
+      found += [name.strip()] * len(array.findall(result_type))
   return found
 
 
-def test_training_backward_writes_no_full_size_buffer_but_dx():
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_training_backward_writes_no_full_size_buffer_but_dx(dtype):
   # Training forward+backward needs x, the cotangent and per-feature sums;
   # the only array-sized buffer it has to write is dx. A stored centred
   # copy of x (what autodiff keeps for sum(g * (x - mean))) would cost a
-  # write and a read of the whole array, plus its page faults on CPU.
+  # write and a read of the whole array, plus its page faults on CPU; so
+  # would float32 copies of bfloat16 x or of the cotangent.
   shape = (32, 16, 16, 64)
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal(shape, np.float32) + 3.0)
-  g = jnp.asarray(rng.standard_normal(shape, np.float32))
+  x = jnp.asarray(rng.standard_normal(shape, np.float32) + 3.0, dtype)
+  g = jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
   state = jaxbn.init_state(shape[-1])
   scale, bias = jnp.ones(shape[-1]), jnp.zeros(shape[-1])
 
   def loss(x, scale, bias, g):
     y, _ = jaxbn.batch_norm(x, state, scale, bias, training=True)
-    return jnp.sum(y * g)
+    return jnp.sum(y * g, dtype=jnp.float32)
 
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
   buffers = _full_size_buffers(grads.lower(x, scale, bias, g).compile().as_text(), shape)
