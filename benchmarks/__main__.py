@@ -141,7 +141,8 @@ def worker_jobs(only, quick: bool, repeats: int, backend: str) -> dict:
         for env in ALLOCATOR_ENVS:
             if env != "default":
                 jobs[f"JAX, {env}"] = jax_job(env=env)
-        jobs["PyTorch, one arena, no mmap"] = torch_job(env="one arena, no mmap")
+        for env in ("one arena, no mmap", "huge pages"):
+            jobs[f"PyTorch, {env}"] = torch_job(env=env)
     if threads:
         jobs["JAX, 1 core"] = jax_job(dict(spec, cores=1))
         jobs["PyTorch, 1 core"] = torch_job(dict(torch_spec, cores=1))

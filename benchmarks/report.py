@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from benchmarks import bn, cnn, timing
+from benchmarks import bn, cnn, procs, timing
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch")
 
@@ -180,10 +180,19 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _thp_setting() -> str:
+    """The kernel's transparent huge page mode (the bracketed one), or 'unknown'."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "unknown"
+    return next((w.strip("[]") for w in text.split() if w.startswith("[")), "unknown")
+
+
 def _markdown(meta: dict, sections, plot: str | None) -> str:
     m = meta["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    malloc = {k: v for k, v in os.environ.items() if k.startswith(procs.ALLOCATOR_VARIABLES)}
     lines = [
         "# Benchmark results",
         "",
@@ -199,7 +208,7 @@ def _markdown(meta: dict, sections, plot: str | None) -> str:
         f"- sizes: {'quick (tiny)' if meta['quick'] else 'full'}; {meta['repeats']} timed calls "
         f"per alternative (after one warm-up), {meta['rounds']} rounds of worker processes",
         f"- XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, malloc settings of the parent: "
-        f"{malloc or 'none'}",
+        f"{malloc or 'none'}; transparent huge pages: {_thp_setting()}",
         "",
         _backend_note(m["backend"]),
         "",
