@@ -100,8 +100,8 @@ def _affine_normalize_jvp(epsilon, dtype, primals, tangents):
   # Its own conversion on CPU, see ``separate_reads``.
   reads = lax.platform_dependent(reads, cpu=lambda r: separate_reads(r, 1)[0],
                                  default=lambda r: r)
-  parts = (dx * mul, jnp.broadcast_to(offset, x.shape), _times_centred(x, reads, mean, dmul))
-  return y.astype(dtype), _cast_sum(parts, dtype)
+  return y.astype(dtype), _cast_sum(dx * mul, _times_centred(x, reads, mean, dmul), offset,
+                                    dtype=dtype)
 
 
 @jax.checkpoint
@@ -125,7 +125,7 @@ def _values_of_jvp(primals, tangents):
   return _values_of(*primals), tangents[0]
 
 
-def _cast_sum(parts, dtype):
+def _cast_sum(*parts, dtype):
   """``sum(parts).astype(dtype)``, with a backward that widens the cotangent
   once per part where it is narrower.
 
@@ -135,13 +135,14 @@ def _cast_sum(parts, dtype):
   writing one wide copy for both (see ``jaxbn._moments.separate_reads``). The
   tangent itself is rounded per part there, ~1 ulp of ``dtype`` more.
   """
-  first, *rest = parts
   total = lambda *parts: functools.reduce(jnp.add, parts).astype(dtype)
-  if first.dtype == dtype:
+  if parts[0].dtype == dtype:
     return total(*parts)
 
   def cast_apart(first, *rest):
-    rest = lax.optimization_barrier(tuple(p.astype(dtype) for p in rest))
+    # Broadcast before the cast: per-feature parts are then summed wide.
+    rest = lax.optimization_barrier(
+        tuple(jnp.broadcast_to(p, first.shape).astype(dtype) for p in rest))
     return functools.reduce(jnp.add, (first.astype(dtype),) + rest)
   return lax.platform_dependent(*parts, cpu=cast_apart, default=total)
 
