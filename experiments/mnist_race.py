@@ -40,7 +40,6 @@ def jax_run(epochs: int, work: Path) -> list[dict]:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [{"epoch": r["epoch"], "wall_seconds": r["elapsed_seconds"],
              "test_accuracy": r["test_accuracy"]} for r in records if r["kind"] == "epoch"]
-    return points
 
 
 def torch_run(epochs: int) -> list[dict]:
