@@ -252,19 +252,33 @@ def batch_norm(
         axis_index_groups=axis_index_groups, mask=mask,
         running_var=running_var, dtype=dtype)
 
+  y, batch = normalize_with_batch_moments(
+      x, lambda batch: (scale, bias), feature_axes=feature_axes, epsilon=epsilon, mask=mask,
+      axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=dtype)
+  new_state = update_state(state, batch, momentum=momentum, running_var=running_var)
+  return y, new_state
+
+
+def normalize_with_batch_moments(x, affine, *, feature_axes, epsilon, mask, axis_name,
+                                 axis_index_groups, dtype) -> tuple[jax.Array, Moments]:
+  """Training normalization: ``(y, batch moments)``, ``y`` normalized with the
+  batch moments and the ``(scale, bias)`` that ``affine(batch)`` returns.
+
+  One widened ``x`` serves the statistics and the normalization, so the parts
+  of dx from both are summed in float32 and rounded once, while the sums
+  read the narrow ``x`` (``reduce_moments``' ``narrow``).
+  """
   reduction_axes = _checks.complement_axes(feature_axes, x.ndim)
   if mask is None and axis_name is None:
     _checks.more_than_one_value(x.shape, reduction_axes)
-  # One widened x for the statistics and the normalization: the parts of
-  # dx from both are summed in float32, then rounded once.
   wide = x.astype(stats_dtype(x.dtype))
   batch = reduce_moments(wide, reduction_axes, mask=mask, axis_name=axis_name,
                          axis_index_groups=axis_index_groups, narrow=x)
+  scale, bias = affine(batch)
   y = masked_apply(lambda wide: _normalize(
       wide, batch.mean, batch.var, scale, bias, feature_axes, epsilon, dtype or x.dtype,
       narrow=x if mask is None else None), wide, mask)
-  new_state = update_state(state, batch, momentum=momentum, running_var=running_var)
-  return y, new_state
+  return y, batch
 
 
 def masked_apply(apply, x, mask):

@@ -26,8 +26,8 @@ from jax import lax
 from jaxbn import _checks
 from jaxbn._functional import check_call
 from jaxbn._functional import normalize_masked
+from jaxbn._functional import normalize_with_batch_moments
 from jaxbn._functional import update_state
-from jaxbn._moments import reduce_moments
 from jaxbn._state import BatchNormState
 
 
@@ -116,17 +116,16 @@ def batch_renorm(
                          axis=feature_axes, epsilon=epsilon, dtype=dtype)
     return y, state
 
-  reduction_axes = _checks.complement_axes(feature_axes, x.ndim)
-  if mask is None and axis_name is None:
-    _checks.more_than_one_value(x.shape, reduction_axes)
-  batch = reduce_moments(x, reduction_axes, mask=mask, axis_name=axis_name,
-                         axis_index_groups=axis_index_groups)
-  r, d = _corrections(batch.mean, batch.var, state.mean, state.var,
-                      r_max=r_max, d_max=d_max, epsilon=epsilon)
   feature_shape = tuple(x.shape[a] for a in feature_axes)
-  eff_scale, eff_bias = _effective_affine(scale, bias, r, d, feature_shape)
-  y = normalize_masked(x, mask, batch.mean, batch.var, eff_scale, eff_bias,
-                        axis=feature_axes, epsilon=epsilon, dtype=dtype)
+
+  def corrected_affine(batch):
+    r, d = _corrections(batch.mean, batch.var, state.mean, state.var,
+                        r_max=r_max, d_max=d_max, epsilon=epsilon)
+    return _effective_affine(scale, bias, r, d, feature_shape)
+
+  y, batch = normalize_with_batch_moments(
+      x, corrected_affine, feature_axes=feature_axes, epsilon=epsilon, mask=mask,
+      axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=dtype)
   return y, update_state(state, batch, momentum=momentum, running_var=running_var)
 
 

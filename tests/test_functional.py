@@ -180,8 +180,9 @@ def test_low_precision_far_from_zero_keeps_exact_statistics_and_gradients(dtype,
   np.testing.assert_allclose(dx, ref_dx, rtol=tol, atol=tol * np.abs(ref_dx).max())
 
 
+@pytest.mark.parametrize('norm', ['batch_norm', 'batch_renorm'])
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
-def test_low_precision_dx_is_rounded_once(dtype):
+def test_low_precision_dx_is_rounded_once(dtype, norm):
   # dx = mul * (g - mean(g) - x_hat * mean(g * x_hat)): with a cotangent
   # close to a + b * x_hat per feature the three terms nearly cancel. Each
   # rounded to the input dtype before the sum (what autodiff does when both
@@ -193,8 +194,11 @@ def test_low_precision_dx_is_rounded_once(dtype):
   g = np.asarray(jnp.asarray(3.0 + (xs - 5.0) + _data(x.shape, seed=2, offset=0.0, std=0.05),
                              dtype), np.float32)
 
+  # Batch renorm with r_max=1, d_max=0 is batch norm, through its own code.
+  limits = {'r_max': 1.0, 'd_max': 0.0} if norm == 'batch_renorm' else {}
+
   def loss(x):
-    y, _ = jaxbn.batch_norm(x, jaxbn.init_state(16), training=True)
+    y, _ = getattr(jaxbn, norm)(x, jaxbn.init_state(16), training=True, **limits)
     return jnp.sum(y.astype(jnp.float32) * g)
 
   dx = np.asarray(jax.jit(jax.grad(loss))(x), np.float64)

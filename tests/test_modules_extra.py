@@ -20,7 +20,7 @@ from flax import nnx
 import jaxbn
 import jaxbn.linen
 import jaxbn.nnx
-from jaxbn import _renorm
+from jaxbn import _functional
 
 # Same functional call underneath: differences come only from XLA fusing
 # the same float32 ops differently (jit vs eager): a few ulps of O(1) values.
@@ -182,14 +182,14 @@ def test_renorm_forwards_axis_index_groups(monkeypatch):
   # Grouped sync itself is the moments' code, tested with real devices in
   # test_sync.py; here only that both wrappers hand the groups down.
   seen = []
-  original = _renorm.reduce_moments
+  original = _functional.reduce_moments
 
   def spy(*args, **kwargs):
     groups = kwargs.get('axis_index_groups')  # Linen stores lists as tuples
     seen.append((kwargs.get('axis_name'), groups and [list(g) for g in groups]))
     return original(*args, **{**kwargs, 'axis_name': None, 'axis_index_groups': None})
 
-  monkeypatch.setattr(_renorm, 'reduce_moments', spy)
+  monkeypatch.setattr(_functional, 'reduce_moments', spy)
   groups = [[0, 1], [2, 3]]
   x = _data((4, 2), seed=3)
   jaxbn.nnx.BatchRenorm(2, axis_name='i', axis_index_groups=groups, rngs=nnx.Rngs(0))(x)
