@@ -48,11 +48,11 @@ def normalize(x, mean, var, scale=None, bias=None, *, axis=-1, epsilon=1e-5, dty
   x = _checks.float_array(x)
   feature_axes = _checks.canonical_axes(axis, x.ndim)
   _checks.epsilon(epsilon)
-  return _normalize(x, mean, var, scale, bias, feature_axes, epsilon, dtype or x.dtype)
+  return normalize_checked(x, mean, var, scale, bias, feature_axes, epsilon, dtype or x.dtype)
 
 
-def _normalize(x, mean, var, scale, bias, feature_axes, epsilon, dtype, narrow=None):
-  """``normalize`` without the argument checks.
+def normalize_checked(x, mean, var, scale, bias, feature_axes, epsilon, dtype, narrow=None):
+  """``normalize`` on checked arguments (``feature_axes`` canonical).
 
   ``narrow``: as in ``reduce_moments``, ``x`` before widening; the backward
   pass's reduction over ``x - mean`` reads it instead of ``x``.
@@ -275,7 +275,7 @@ def normalize_with_batch_moments(x, affine, *, feature_axes, epsilon, mask, axis
   batch = reduce_moments(wide, reduction_axes, mask=mask, axis_name=axis_name,
                          axis_index_groups=axis_index_groups, narrow=x)
   scale, bias = affine(batch)
-  y = masked_apply(lambda wide: _normalize(
+  y = masked_apply(lambda wide: normalize_checked(
       wide, batch.mean, batch.var, scale, bias, feature_axes, epsilon, dtype or x.dtype,
       narrow=x if mask is None else None), wide, mask)
   return y, batch

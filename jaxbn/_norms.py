@@ -20,8 +20,8 @@ import numbers
 import jax.numpy as jnp
 
 from jaxbn import _checks
-from jaxbn._functional import masked_apply, normalize
-from jaxbn._moments import reduce_moments
+from jaxbn._functional import masked_apply, normalize_checked
+from jaxbn._moments import reduce_moments, stats_dtype
 
 
 def layer_norm(x, scale=None, bias=None, *, reduction_axes=-1, feature_axes=-1,
@@ -124,34 +124,40 @@ def group_norm(x, scale=None, bias=None, *, num_groups=32, group_size=None,
   mask = _prepare(x, scale, bias, (x.ndim - 1,), epsilon, mask, axis_name,
                   axis_index_groups)
   grouped_shape = x.shape[:-1] + (groups, channels // groups)
-  xg = x.reshape(grouped_shape)
   mg = None if mask is None else mask.reshape(grouped_shape)
   # Statistics per (example, group): reduce all but axis 0 and the group axis.
-  reduction_axes = tuple(a for a in range(1, xg.ndim) if a != xg.ndim - 2)
-  stats = reduce_moments(xg, reduction_axes, mask=mg, axis_name=axis_name,
-                         axis_index_groups=axis_index_groups)
-  kept = (0, xg.ndim - 2)
-
-  def apply(x):
-    y = normalize(x.reshape(grouped_shape), stats.mean, stats.var, axis=kept,
-                  epsilon=epsilon, dtype=_compute_dtype(x, stats.mean))
-    return _affine(y.reshape(x.shape), scale, bias, (x.ndim - 1,))
-
-  return masked_apply(apply, x, mask).astype(dtype or x.dtype)
+  reduction_axes = tuple(a for a in range(1, x.ndim + 1) if a != x.ndim - 1)
+  # scale and bias (C,) fill the (group, channel in group) axes in order.
+  y = _normalized(x.reshape(grouped_shape), reduction_axes,
+                  lambda y: _affine(y, scale, bias, (x.ndim - 1, x.ndim)),
+                  epsilon=epsilon, mask=mg, axis_name=axis_name,
+                  axis_index_groups=axis_index_groups)
+  return y.reshape(x.shape).astype(dtype or x.dtype)
 
 
 def _normalize_over(x, reduction_axes, scale, bias, feature_axes, *, epsilon,
                     mask, dtype, axis_name, axis_index_groups):
-  stats = reduce_moments(x, reduction_axes, mask=mask, axis_name=axis_name,
-                         axis_index_groups=axis_index_groups)
+  y = _normalized(x, reduction_axes, lambda y: _affine(y, scale, bias, feature_axes),
+                  epsilon=epsilon, mask=mask, axis_name=axis_name,
+                  axis_index_groups=axis_index_groups)
+  return y.astype(dtype or x.dtype)
+
+
+def _normalized(x, reduction_axes, finish, *, epsilon, mask, axis_name, axis_index_groups):
+  """``finish(x normalized over reduction_axes)``, in the statistics dtype.
+
+  As in batch norm, one widened ``x`` serves the statistics and the
+  normalization (dx's parts are summed wide and rounded once) while the
+  sums read the narrow ``x``.
+  """
+  wide = x.astype(stats_dtype(x.dtype))
+  stats = reduce_moments(wide, reduction_axes, mask=mask, axis_name=axis_name,
+                         axis_index_groups=axis_index_groups, narrow=x)
   kept = tuple(a for a in range(x.ndim) if a not in reduction_axes)
-
-  def apply(x):
-    y = normalize(x, stats.mean, stats.var, axis=kept, epsilon=epsilon,
-                  dtype=_compute_dtype(x, stats.mean))
-    return _affine(y, scale, bias, feature_axes)
-
-  return masked_apply(apply, x, mask).astype(dtype or x.dtype)
+  narrow = x if mask is None else None
+  return masked_apply(lambda wide: finish(normalize_checked(
+      wide, stats.mean, stats.var, None, None, kept, epsilon, wide.dtype, narrow=narrow)),
+      wide, mask)
 
 
 def _affine(y, scale, bias, feature_axes):
@@ -161,11 +167,6 @@ def _affine(y, scale, bias, feature_axes):
   if bias is not None:
     y = y + jnp.reshape(bias, shape)
   return y
-
-
-def _compute_dtype(x, stats):
-  # Keep the statistics' precision until the final cast (bf16 inputs).
-  return jnp.result_type(x.dtype, stats.dtype)
 
 
 def _prepare(x, scale, bias, feature_axes, epsilon, mask, axis_name,

@@ -311,3 +311,27 @@ def test_axis_index_groups_need_axis_name():
                lambda: group_norm(x, num_groups=2, axis_index_groups=[[0]])):
     with pytest.raises(ValueError, match='needs axis_name'):
       call()
+
+
+@pytest.mark.parametrize('norm', [
+    lambda x: layer_norm(x, reduction_axes=(1, 2, 3)),
+    lambda x: group_norm(x, num_groups=1),
+], ids=['layer_norm', 'group_norm'])
+def test_bfloat16_dx_is_rounded_once(norm):
+  # Per-example statistics; a cotangent close to a + b * x_hat per example
+  # makes the three terms of dx nearly cancel. Rounding the parts from the
+  # statistics and from the normalization to bfloat16 apart leaves errors the
+  # size of the terms; summed in float32 and rounded once, the dtype's.
+  x = jnp.asarray(_data((16, 4, 4, 32), seed=1, offset=5.0, std=2.0), jnp.bfloat16)
+  xs = np.asarray(x.astype(jnp.float32), np.float64)
+  g = np.asarray(jnp.asarray(3.0 + (xs - 5.0) + _data(x.shape, seed=2, offset=0.0, std=0.05),
+                             jnp.bfloat16), np.float32)
+  dx = jax.jit(jax.grad(lambda x: jnp.sum(norm(x).astype(jnp.float32) * g)))(x)
+  red = (1, 2, 3)
+  mean, var = xs.mean(red, keepdims=True), xs.var(red, keepdims=True)
+  x_hat = (xs - mean) / np.sqrt(var + 1e-6)
+  g64 = g.astype(np.float64)
+  ref = (g64 - g64.mean(red, keepdims=True)
+         - x_hat * (g64 * x_hat).mean(red, keepdims=True)) / np.sqrt(var + 1e-6)
+  error = np.abs(np.asarray(dx, np.float64) - ref).max() / np.abs(ref).max()
+  assert error < 2.0 ** -7  # one bfloat16 rounding of dx, plus the float32 sums
