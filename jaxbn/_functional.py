@@ -59,15 +59,18 @@ def normalize_checked(x, mean, var, scale, bias, feature_axes, epsilon, dtype, n
   """
   shape = _broadcast_shape(x.shape, feature_axes)
   per_feature = [None if v is None else jnp.reshape(v, shape) for v in (mean, var, scale, bias)]
-  reads = x if narrow is None else lax.stop_gradient(narrow)
-  return _affine_normalize(x, reads, *per_feature, epsilon, jnp.dtype(dtype))
+  return _affine_normalize(x, x if narrow is None else narrow, *per_feature, epsilon,
+                           jnp.dtype(dtype))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7))
 def _affine_normalize(x, reads, mean, var, scale, bias, epsilon, dtype):
   """``normalize`` on per-feature arrays already shaped to broadcast against ``x``.
 
-  ``reads`` holds ``x``'s values, maybe in a narrower dtype, for the backward.
+  ``reads`` holds ``x``'s values, maybe in a narrower dtype: the derivative
+  rule's ``x - mean`` term is formed from it, so the backward pass keeps
+  (and, rematerializing, reads) the narrow array, and higher derivatives
+  of that term flow through it.
   """
   y = (x - mean) * _multiplier(var, scale, epsilon)
   return (y if bias is None else y + bias).astype(dtype)
@@ -100,29 +103,16 @@ def _affine_normalize_jvp(epsilon, dtype, primals, tangents):
   # Its own conversion on CPU, see ``separate_reads``.
   reads = lax.platform_dependent(reads, cpu=lambda r: separate_reads(r, 1)[0],
                                  default=lambda r: r)
-  return y.astype(dtype), _cast_sum(dx * mul, _times_centred(x, reads, mean, dmul), offset,
+  return y.astype(dtype), _cast_sum(dx * mul, _times_centred(reads, mean, dmul), offset,
                                     dtype=dtype)
 
 
 @jax.checkpoint
-def _times_centred(x, reads, mean, dmul):
+def _times_centred(x, mean, dmul):
   # Rematerialized, so the backward pass keeps x (which it reads anyway), not
   # a full-size centred copy: ``sum(cotangent * (x - mean))`` is then one
   # fused reduction, and the copy's write, read and fresh pages are saved.
-  return (_values_of(x, reads) - mean) * dmul
-
-
-@jax.custom_jvp
-def _values_of(x, reads):
-  """``x``, computed from ``reads`` (the same values, maybe narrower) but
-  differentiated as ``x``: the array read can differ from the one whose
-  derivatives matter (higher orders included)."""
-  return reads.astype(x.dtype)
-
-
-@_values_of.defjvp
-def _values_of_jvp(primals, tangents):
-  return _values_of(*primals), tangents[0]
+  return (x - mean) * dmul
 
 
 def _cast_sum(*parts, dtype):
