@@ -251,24 +251,37 @@ def batch_norm(
 
 def normalize_with_batch_moments(x, affine, *, feature_axes, epsilon, mask, axis_name,
                                  axis_index_groups, dtype) -> tuple[jax.Array, Moments]:
-  """Training normalization: ``(y, batch moments)``, ``y`` normalized with the
-  batch moments and the ``(scale, bias)`` that ``affine(batch)`` returns.
+  """Batch-norm training: ``(y, batch moments)``, ``y`` normalized with the
+  moments over every axis but ``feature_axes`` and the ``(scale, bias)`` that
+  ``affine(batch)`` returns."""
+  reduction_axes = _checks.complement_axes(feature_axes, x.ndim)
+  if mask is None and axis_name is None:
+    _checks.more_than_one_value(x.shape, reduction_axes)
+  return normalize_by_own_moments(
+      x, reduction_axes, affine, lambda y: y, epsilon=epsilon, mask=mask, axis_name=axis_name,
+      axis_index_groups=axis_index_groups, dtype=dtype or x.dtype)
+
+
+def normalize_by_own_moments(x, reduction_axes, affine, finish, *, epsilon, mask, axis_name,
+                             axis_index_groups, dtype) -> tuple[jax.Array, Moments]:
+  """``(finish(y), moments)``: ``x`` normalized with its moments over
+  ``reduction_axes`` and the per-kept-position ``(scale, bias)`` of
+  ``affine(moments)``, as ``dtype``; ``finish`` runs inside the masking
+  (masked entries differentiate nothing).
 
   One widened ``x`` serves the statistics and the normalization, so the parts
   of dx from both are summed in float32 and rounded once, while the sums
   read the narrow ``x`` (``reduce_moments``' ``narrow``).
   """
-  reduction_axes = _checks.complement_axes(feature_axes, x.ndim)
-  if mask is None and axis_name is None:
-    _checks.more_than_one_value(x.shape, reduction_axes)
   wide = x.astype(stats_dtype(x.dtype))
-  batch = reduce_moments(wide, reduction_axes, mask=mask, axis_name=axis_name,
-                         axis_index_groups=axis_index_groups, narrow=x)
-  scale, bias = affine(batch)
-  y = masked_apply(lambda wide: normalize_checked(
-      wide, batch.mean, batch.var, scale, bias, feature_axes, epsilon, dtype or x.dtype,
-      narrow=x if mask is None else None), wide, mask)
-  return y, batch
+  moments = reduce_moments(wide, reduction_axes, mask=mask, axis_name=axis_name,
+                           axis_index_groups=axis_index_groups, narrow=x)
+  scale, bias = affine(moments)
+  kept = tuple(a for a in range(x.ndim) if a not in reduction_axes)
+  y = masked_apply(lambda wide: finish(normalize_checked(
+      wide, moments.mean, moments.var, scale, bias, kept, epsilon, dtype,
+      narrow=x if mask is None else None)), wide, mask)
+  return y, moments
 
 
 def masked_apply(apply, x, mask):

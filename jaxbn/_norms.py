@@ -20,8 +20,8 @@ import numbers
 import jax.numpy as jnp
 
 from jaxbn import _checks
-from jaxbn._functional import masked_apply, normalize_checked
-from jaxbn._moments import reduce_moments, stats_dtype
+from jaxbn._functional import normalize_by_own_moments
+from jaxbn._moments import stats_dtype
 
 
 def layer_norm(x, scale=None, bias=None, *, reduction_axes=-1, feature_axes=-1,
@@ -144,20 +144,11 @@ def _normalize_over(x, reduction_axes, scale, bias, feature_axes, *, epsilon,
 
 
 def _normalized(x, reduction_axes, finish, *, epsilon, mask, axis_name, axis_index_groups):
-  """``finish(x normalized over reduction_axes)``, in the statistics dtype.
-
-  As in batch norm, one widened ``x`` serves the statistics and the
-  normalization (dx's parts are summed wide and rounded once) while the
-  sums read the narrow ``x``.
-  """
-  wide = x.astype(stats_dtype(x.dtype))
-  stats = reduce_moments(wide, reduction_axes, mask=mask, axis_name=axis_name,
-                         axis_index_groups=axis_index_groups, narrow=x)
-  kept = tuple(a for a in range(x.ndim) if a not in reduction_axes)
-  narrow = x if mask is None else None
-  return masked_apply(lambda wide: finish(normalize_checked(
-      wide, stats.mean, stats.var, None, None, kept, epsilon, wide.dtype, narrow=narrow)),
-      wide, mask)
+  """``finish(x normalized over reduction_axes)``, in the statistics dtype."""
+  return normalize_by_own_moments(
+      x, reduction_axes, lambda moments: (None, None), finish, epsilon=epsilon, mask=mask,
+      axis_name=axis_name, axis_index_groups=axis_index_groups,
+      dtype=stats_dtype(x.dtype))[0]
 
 
 def _affine(y, scale, bias, feature_axes):
