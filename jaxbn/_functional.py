@@ -346,10 +346,10 @@ def _ghost_batch_norm(x, state, scale, bias, *, feature_axes, virtual_batch_size
   if mask is None:
     _checks.more_than_one_value(xs.shape, reduction_axes)
   # Ghost batches are local by definition: no sync of the chunk statistics.
-  per_chunk = reduce_moments(xs, reduction_axes, mask=chunk_mask)
-  y = normalize_masked(xs, chunk_mask, per_chunk.mean, per_chunk.var,
-                        _chunked(scale, chunks), _chunked(bias, chunks),
-                        axis=(0,) + chunk_features, epsilon=epsilon, dtype=dtype)
+  y, per_chunk = normalize_by_own_moments(
+      xs, reduction_axes, lambda moments: (_chunked(scale, chunks), _chunked(bias, chunks)),
+      lambda y: y, epsilon=epsilon, mask=chunk_mask, axis_name=None, axis_index_groups=None,
+      dtype=dtype or x.dtype)
   estimate = _average_chunks(per_chunk, running_var, axis_name, axis_index_groups)
   new_state = update_state(state, estimate, momentum=momentum, running_var='biased')
   return y.reshape(x.shape), new_state

@@ -203,15 +203,18 @@ def _cancelling_dx(dtype):
   return x, g, error
 
 
-@pytest.mark.parametrize('norm', ['batch_norm', 'batch_renorm'])
+@pytest.mark.parametrize('norm', ['batch_norm', 'batch_renorm', 'ghost'])
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
 def test_low_precision_dx_is_rounded_once(dtype, norm):
   x, g, error = _cancelling_dx(dtype)
-  # Batch renorm with r_max=1, d_max=0 is batch norm, through its own code.
-  limits = {'r_max': 1.0, 'd_max': 0.0} if norm == 'batch_renorm' else {}
+  # Batch renorm with r_max=1, d_max=0 and ghost batch norm with one chunk
+  # are batch norm, each through its own code.
+  options = {'batch_renorm': {'r_max': 1.0, 'd_max': 0.0},
+             'ghost': {'virtual_batch_size': x.shape[0]}}.get(norm, {})
+  norm_fn = jaxbn.batch_renorm if norm == 'batch_renorm' else jaxbn.batch_norm
 
   def loss(x):
-    y, _ = getattr(jaxbn, norm)(x, jaxbn.init_state(16), training=True, **limits)
+    y, _ = norm_fn(x, jaxbn.init_state(16), training=True, **options)
     return jnp.sum(y.astype(jnp.float32) * g)
 
   # One rounding of dx (2^-8 relative for bfloat16, 2^-11 for float16), plus
