@@ -44,3 +44,27 @@ def np_batch_norm_train(x, run_mean, run_var, count, scale=None, bias=None, *,
   new_mean = np.where(has, keep * run_mean + (1 - keep) * mean, run_mean)
   new_var = np.where(has, keep * run_var + (1 - keep) * est, run_var)
   return y, new_mean, new_var, count + 1
+
+
+def cancelling_dx_case(dtype, shape, reduction_axes, epsilon, seed=1):
+  """``(x, g, error)``: a normalization input and cotangent whose dx terms nearly cancel.
+
+  dx = (g - mean(g) - x_hat * mean(g * x_hat)) / std over ``reduction_axes``:
+  with g close to a + b * x_hat the three terms nearly cancel, so rounding
+  them to the input dtype apart (what autodiff does when the statistics and
+  the normalization widen x separately) leaves errors the size of the terms.
+  ``x`` and ``g`` hold values of ``dtype`` (a NumPy or ml_dtypes dtype), ``g``
+  as float32; ``error(dx)`` is the largest deviation of ``dx`` (of the loss
+  ``sum(g * normalize(x))``) from float64, relative to max |dx|.
+  """
+  rng = np.random.default_rng(seed)
+  x = (5.0 + 2.0 * rng.standard_normal(shape)).astype(np.float32).astype(dtype)
+  xs = x.astype(np.float64)
+  g = (3.0 + (xs - 5.0) + 0.05 * rng.standard_normal(shape)).astype(dtype).astype(np.float32)
+  mean, var = xs.mean(reduction_axes, keepdims=True), xs.var(reduction_axes, keepdims=True)
+  x_hat = (xs - mean) / np.sqrt(var + epsilon)
+  g64 = g.astype(np.float64)
+  ref = (g64 - g64.mean(reduction_axes, keepdims=True)
+         - x_hat * (g64 * x_hat).mean(reduction_axes, keepdims=True)) / np.sqrt(var + epsilon)
+  error = lambda dx: np.abs(np.asarray(dx, np.float64) - ref).max() / np.abs(ref).max()
+  return x, g, error

@@ -10,7 +10,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxbn
-from reference import np_batch_norm_train, np_moments, np_normalize
+from reference import cancelling_dx_case, np_batch_norm_train, np_moments, np_normalize
 
 # float32 arithmetic on O(1) normalized values: a few ulps of 1.0 per op over
 # reductions of ~1e3 terms stays well below 1e-5.
@@ -182,25 +182,9 @@ def test_low_precision_far_from_zero_keeps_exact_statistics_and_gradients(dtype,
 
 
 def _cancelling_dx(dtype):
-  """``(x, g, dx error of a loss sum(y * g))`` for a cotangent whose dx terms nearly cancel.
-
-  dx = mul * (g - mean(g) - x_hat * mean(g * x_hat)): with g close to
-  a + b * x_hat per feature the three terms nearly cancel. Each rounded to
-  the input dtype before the sum (what autodiff does when the statistics and
-  the normalization widen x apart) leaves errors the size of the terms.
-  The error is the largest deviation from float64, relative to max |dx|.
-  """
-  x = jnp.asarray(_data((64, 8, 8, 16), seed=1, offset=5.0, std=2.0), dtype)
-  xs = np.asarray(x.astype(jnp.float32), np.float64)
-  g = np.asarray(jnp.asarray(3.0 + (xs - 5.0) + _data(x.shape, seed=2, offset=0.0, std=0.05),
-                             dtype), np.float32)
-  mean, var, _ = np_moments(xs, (3,))
-  x_hat = (xs - mean) / np.sqrt(var + 1e-5)
-  g64 = g.astype(np.float64)
-  red = (0, 1, 2)
-  ref_dx = (g64 - g64.mean(red) - x_hat * (g64 * x_hat).mean(red)) / np.sqrt(var + 1e-5)
-  error = lambda dx: np.abs(np.asarray(dx, np.float64) - ref_dx).max() / np.abs(ref_dx).max()
-  return x, g, error
+  """``reference.cancelling_dx_case`` for a batch norm of a (64, 8, 8, 16) batch."""
+  x, g, error = cancelling_dx_case(dtype, (64, 8, 8, 16), (0, 1, 2), 1e-5)
+  return jnp.asarray(x), g, error
 
 
 @pytest.mark.parametrize('norm', ['batch_norm', 'batch_renorm', 'ghost'])

@@ -12,6 +12,7 @@ from jax.test_util import check_grads
 import jaxbn
 from jaxbn import _norms
 from jaxbn._norms import group_norm, instance_norm, layer_norm
+from reference import cancelling_dx_case
 
 # float32 on O(1) normalized values, reductions of <= 400 terms: a few ulps
 # of 1.0 per op, far below 2e-5. Flax uses a different variance formula,
@@ -318,20 +319,10 @@ def test_axis_index_groups_need_axis_name():
     lambda x: group_norm(x, num_groups=1),
 ], ids=['layer_norm', 'group_norm'])
 def test_bfloat16_dx_is_rounded_once(norm):
-  # Per-example statistics; a cotangent close to a + b * x_hat per example
-  # makes the three terms of dx nearly cancel. Rounding the parts from the
-  # statistics and from the normalization to bfloat16 apart leaves errors the
-  # size of the terms; summed in float32 and rounded once, the dtype's.
-  x = jnp.asarray(_data((16, 4, 4, 32), seed=1, offset=5.0, std=2.0), jnp.bfloat16)
-  xs = np.asarray(x.astype(jnp.float32), np.float64)
-  g = np.asarray(jnp.asarray(3.0 + (xs - 5.0) + _data(x.shape, seed=2, offset=0.0, std=0.05),
-                             jnp.bfloat16), np.float32)
-  dx = jax.jit(jax.grad(lambda x: jnp.sum(norm(x).astype(jnp.float32) * g)))(x)
-  red = (1, 2, 3)
-  mean, var = xs.mean(red, keepdims=True), xs.var(red, keepdims=True)
-  x_hat = (xs - mean) / np.sqrt(var + 1e-6)
-  g64 = g.astype(np.float64)
-  ref = (g64 - g64.mean(red, keepdims=True)
-         - x_hat * (g64 * x_hat).mean(red, keepdims=True)) / np.sqrt(var + 1e-6)
-  error = np.abs(np.asarray(dx, np.float64) - ref).max() / np.abs(ref).max()
-  assert error < 2.0 ** -7  # one bfloat16 rounding of dx, plus the float32 sums
+  # Per-example statistics; the cotangent's dx terms nearly cancel. Parts
+  # from the statistics and from the normalization rounded to bfloat16 apart
+  # would leave errors the size of the terms; summed in float32 and rounded
+  # once, the error is the dtype's.
+  x, g, error = cancelling_dx_case(jnp.bfloat16, (16, 4, 4, 32), (1, 2, 3), 1e-6)
+  dx = jax.jit(jax.grad(lambda x: jnp.sum(norm(x).astype(jnp.float32) * g)))(jnp.asarray(x))
+  assert error(dx) < 2.0 ** -7  # one bfloat16 rounding of dx, plus the float32 sums
