@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 from jax.test_util import check_grads
 
+from train import conv as conv_module
 from train.conv import Conv, conv, explicit_pads, kernel_grad, max_pool, xla_kernel_grad
 
 # (input shape, out features, kernel size, strides, padding): the CNN's and
@@ -118,6 +119,16 @@ def test_kernel_grad_chunking_is_exact(chunk):
     whole = jax.jit(kernel_grad, static_argnums=(2, 3, 4, 5))(x, dy, (3, 3), (1, 1), pads, 7)
     chunked = jax.jit(kernel_grad, static_argnums=(2, 3, 4, 5))(x, dy, (3, 3), (1, 1), pads, chunk)
     np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,bytes_per_example,expected", [
+    (128, conv_module.PATCH_CHUNK_BYTES // 18, 16),  # 16 divides 128: a free reshape
+    (127, conv_module.PATCH_CHUNK_BYTES // 18, 18),  # prime: no divisor near 18
+    (128, 1, 128),  # the whole batch fits
+    (5, 2 * conv_module.PATCH_CHUNK_BYTES, 1),  # one example is over budget
+])
+def test_chunk_size_prefers_a_nearby_divisor_of_the_batch(n, bytes_per_example, expected):
+    assert conv_module._chunk_size(bytes_per_example, n) == expected
 
 
 @pytest.mark.parametrize("case", CASES)

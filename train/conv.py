@@ -173,7 +173,14 @@ def kernel_grad(x, dy, window, strides, pads, chunk: int | None = None):
 
 
 def _chunk_size(bytes_per_example: int, n: int) -> int:
-    return max(1, min(n, PATCH_CHUNK_BYTES // max(1, bytes_per_example)))
+    """Examples per chunk: at most PATCH_CHUNK_BYTES of patches, a divisor of ``n`` if one is close.
+
+    With a divisor the batch reshapes into chunks for free; otherwise the
+    chunked part is a copy of x and dy (2.7 ms of the CNN's 50 ms step).
+    """
+    most = max(1, min(n, PATCH_CHUNK_BYTES // max(1, bytes_per_example)))
+    divisor = max(d for d in range(1, most + 1) if n % d == 0)
+    return divisor if 2 * divisor >= most else most
 
 
 def _patch_product(x, dy, window, strides, pads, acc_dtype):
