@@ -1,8 +1,12 @@
 """Interleaved timing and plain-text tables (no JAX or PyTorch imports).
 
 The machines these run on are shared and noisy, so alternatives are timed
-round-robin (A, B, C, A, B, C, ...) and compared by their medians: a burst
-of load then hits every alternative alike instead of whichever ran during it.
+round-robin and compared by their medians: a burst of load then hits every
+alternative alike instead of whichever ran during it. Each round starts one
+alternative later (A, B, C, then B, C, A, then C, A, B, ...): a call is
+slowed by the one before it (Flax's bfloat16 BN, which writes 64 MiB of
+temporaries, made the next call 20-50% slower), so no alternative may
+always follow the same one.
 """
 
 from __future__ import annotations
@@ -15,15 +19,20 @@ from typing import Callable, Mapping, Sequence
 
 def interleave(fns: Mapping[str, Callable[[], object]], repeats: int,
                warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each blocking ``fn``, timed round-robin ``repeats`` times."""
+    """Seconds per call of each blocking ``fn``, timed round-robin ``repeats`` times.
+
+    Round ``r`` starts with the ``r``-th alternative (modulo their number).
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
     return times
 

@@ -87,3 +87,20 @@ def test_both_workers_time_the_same_bn_tensor(backend):
         assert first.nbytes >= 512 * 2**20
         assert any(c.shape == batches.bn_shape(False, "cpu") for c in bn.configs(False, "gpu"))
     assert bn.configs(True, backend)[0].shape == batches.bn_shape(True, backend)
+
+
+def test_interleave_rotates_which_alternative_follows_which():
+    # A call can be slowed by the one before it, so over the rounds every
+    # alternative must run after each of the others, and as often as they do.
+    from benchmarks import timing
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "ABC"}
+    times = timing.interleave(fns, repeats=6, warmup=0)
+    assert {name: len(t) for name, t in times.items()} == {"A": 6, "B": 6, "C": 6}
+    follows = {}
+    for before, after in zip(calls, calls[1:]):
+        follows.setdefault(after, set()).add(before)
+    assert all(follows[name] == set("ABC") - {name} for name in "ABC"), follows
+    # Each alternative opens a round equally often.
+    assert sorted(calls[i * 3] for i in range(6)) == sorted("AABBCC")
