@@ -213,7 +213,10 @@ def run(quick: bool, repeats: int) -> dict:
         entry = {"config": dataclasses.asdict(config), "bandwidths": measured, "modes": {}}
         for mode in MODES:
             times, programs = time_mode(config, mode, repeats)
-            entry["modes"][mode] = {"times": times, "floor": floor_seconds(config, mode, bw)}
+            faults = {name: timing.faults_per_call(blocking(*program))
+                      for name, program in programs.items()}
+            entry["modes"][mode] = {"times": times, "faults": faults,
+                                    "floor": floor_seconds(config, mode, bw)}
             if mode == "train fwd+bwd":
                 entry["memory"] = memory_stats(programs)
         results.append(entry)
@@ -228,12 +231,13 @@ def tables(results: dict) -> list[tuple[str, str]]:
         headers = ["implementation"] + [e["config"]["name"] for e in entries]
         rows = []
         for name in IMPLEMENTATIONS:
-            rows.append([name] + [_cell(e["modes"][mode]["times"], name) for e in entries])
+            rows.append([name] + [_cell(e["modes"][mode], name) for e in entries])
         rows.append(["memory floor"] + [
             f"{timing.ms(e['modes'][mode]['floor'])} (jaxbn at "
             f"{e['modes'][mode]['times']['jaxbn'] / e['modes'][mode]['floor']:.1f}x floor)"
             for e in entries])
-        out.append((f"BN {mode}: median time (ratio to {REFERENCE})", timing.table(headers, rows)))
+        out.append((f"BN {mode}: median time (ratio to {REFERENCE}), page faults per call",
+                    timing.table(headers, rows)))
     mib = lambda b: f"{b / 2**20:.1f}"
     rows = [[e["config"]["name"], name, mib(m["temp"]), mib(m["argument"]), mib(m["output"])]
             for e in entries for name, m in e["memory"].items()]
@@ -264,5 +268,7 @@ def bandwidth_table(entries) -> str:
     return timing.table(["implementation"] + [e["config"]["name"] for e in entries], rows)
 
 
-def _cell(times: dict[str, float], name: str) -> str:
-    return f"{timing.ms(times[name])} ({timing.ratio(times[name], times[REFERENCE])})"
+def _cell(measured: dict, name: str) -> str:
+    times = measured["times"]
+    return (f"{timing.ms(times[name])} ({timing.ratio(times[name], times[REFERENCE])}, "
+            f"{measured['faults'][name]:.0f} pf)")

@@ -229,10 +229,11 @@ def _markdown(meta: dict, sections, plot: str | None) -> str:
         "  or donated (in-place) add of the same size. Allocating copies pay for fresh",
         "  output pages as the BN programs do; the donated add does not, so a BN can sit",
         "  well above this floor because of page faults alone (see the malloc section).",
-        "- Page faults / call: minor faults (`getrusage`) per call. XLA:CPU allocates a",
-        "  program's temporaries and outputs afresh on every call; 4 KiB x faults is the",
-        "  memory malloc got from the kernel anew (e.g. the CNN step's 150 MiB of",
-        "  temporaries, the BN's 32 MiB dx).",
+        "- Page faults / call (pf in the BN tables): minor faults (`getrusage`) per call.",
+        "  XLA:CPU allocates a program's temporaries and outputs afresh on every call;",
+        "  4 KiB x faults is the memory malloc got from the kernel anew (e.g. the CNN",
+        "  step's 150 MiB of temporaries, the BN's 32 MiB dx). They depend on what the",
+        "  process allocated before, so identical programs can differ.",
         "",
     ]
     for title, body in sections:

@@ -29,13 +29,13 @@ def quick_run(tmp_path_factory):
 
 def test_quick_run_prints_every_section_with_ratios(quick_run):
     stdout, _ = quick_run
-    for title in ("BN train fwd+bwd: median time (ratio to flax.linen)", "BN eval",
+    for title in ("BN train fwd+bwd: median time (ratio to flax.linen), page faults per call", "BN eval",
                   "XLA memory_analysis", "CNN layers: Flax vs train.conv",
                   "JAX (NHWC) vs PyTorch BatchNorm2d", "CNN train step",
                   "CNN convolutions alone", "each alone in its own processes",
                   "Worker process settings", "Data-parallel scaling"):
         assert title in stdout
-    assert "(1.00x)" in stdout  # the reference column of the BN tables
+    assert "(1.00x, " in stdout and " pf)" in stdout  # the reference column of the BN tables
     assert "speed / PyTorch NCHW" in stdout
 
 
