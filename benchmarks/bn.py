@@ -156,11 +156,20 @@ def blocking(fn, args):
     return lambda: jax.block_until_ready(fn(*args))
 
 
+# A BN call takes milliseconds and its time is bimodal (a call whose fresh
+# output reuses freed pages runs up to 2x faster than one that faults them
+# in): its medians need more rounds than the other sections' to settle.
+ROUNDS_PER_REPEAT = 4
+
+
 def time_mode(config: Config, mode: str, repeats: int, names=tuple(IMPLEMENTATIONS)):
-    """Median seconds per call of each implementation (interleaved), and the executables."""
+    """Median seconds per call of each implementation (interleaved), and the executables.
+
+    Each implementation is timed ``ROUNDS_PER_REPEAT * repeats`` times.
+    """
     programs = {name: compiled(name, config, mode) for name in names}
     fns = {name: blocking(*program) for name, program in programs.items()}
-    return timing.medians(timing.interleave(fns, repeats)), programs
+    return timing.medians(timing.interleave(fns, ROUNDS_PER_REPEAT * repeats)), programs
 
 
 def memory_stats(programs) -> dict[str, dict[str, int]]:

@@ -18,22 +18,22 @@ from typing import Callable, Mapping, Sequence
 
 
 def interleave(fns: Mapping[str, Callable[[], object]], repeats: int,
-               warmup: int = 1) -> dict[str, list[float]]:
+               warmup: int = 2) -> dict[str, list[float]]:
     """Seconds per call of each blocking ``fn``, timed round-robin ``repeats`` times.
 
     Round ``r`` starts with the ``r``-th alternative (modulo their number).
+    ``warmup`` untimed rounds come first: the first rounds after compiling
+    ran up to 1.5x slower while malloc's heap settled.
     """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
     names = list(fns)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
+    for r in range(warmup + repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
             fns[name]()
-            times[name].append(time.perf_counter() - start)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
     return times
 
 

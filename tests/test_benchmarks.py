@@ -104,3 +104,7 @@ def test_interleave_rotates_which_alternative_follows_which():
     assert all(follows[name] == set("ABC") - {name} for name in "ABC"), follows
     # Each alternative opens a round equally often.
     assert sorted(calls[i * 3] for i in range(6)) == sorted("AABBCC")
+    # Warm-up rounds run every alternative but are not timed.
+    calls.clear()
+    times = timing.interleave(fns, repeats=3, warmup=2)
+    assert len(calls) == 15 and all(len(t) == 3 for t in times.values())
