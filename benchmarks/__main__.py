@@ -29,8 +29,8 @@ def parse(argv):
     p.add_argument("--only", default=",".join(SECTIONS),
                    help=f"comma-separated sections (default: all of {','.join(SECTIONS)})")
     p.add_argument("--repeats", type=int,
-                   help="timed calls per alternative (default 12: with 2, 3, 4 or 6 alternatives, "
-                        "each opens equally many rounds; quick 2)")
+                   help="timed calls per alternative (default 12, 4x that in the BN tables; "
+                        "quick 2)")
     p.add_argument("--rounds", type=int, help="rounds of worker processes (default 3; quick 1)")
     p.add_argument("--gpu", action="store_true", help="fail unless JAX's default backend is a GPU")
     p.add_argument("--write-results", nargs="?", const=str(HERE), metavar="DIR",

@@ -2,15 +2,15 @@
 
 The machines these run on are shared and noisy, so alternatives are timed
 round-robin and compared by their medians: a burst of load then hits every
-alternative alike instead of whichever ran during it. Each round starts one
-alternative later (A, B, C, then B, C, A, then C, A, B, ...): a call is
-slowed by the one before it (Flax's bfloat16 BN, which writes 64 MiB of
-temporaries, made the next call 20-50% slower), so no alternative may
-always follow the same one.
+alternative alike instead of whichever ran during it. Each round runs them
+in a new order (a seeded shuffle): a call is slowed by the one before it
+(after Flax's bfloat16 BN, which writes 64 MiB of temporaries, the same
+program ran 20-40% slower), so no alternative may mostly follow the same one.
 """
 
 from __future__ import annotations
 
+import random
 import resource
 import statistics
 import time
@@ -21,15 +21,16 @@ def interleave(fns: Mapping[str, Callable[[], object]], repeats: int,
                warmup: int = 2) -> dict[str, list[float]]:
     """Seconds per call of each blocking ``fn``, timed round-robin ``repeats`` times.
 
-    Round ``r`` starts with the ``r``-th alternative (modulo their number).
+    Every round shuffles the order (the same orders in every run).
     ``warmup`` untimed rounds come first: the first rounds after compiling
     ran up to 1.5x slower while malloc's heap settled.
     """
     names = list(fns)
+    order = random.Random(0)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(warmup + repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
+        order.shuffle(names)
+        for name in names:
             start = time.perf_counter()
             fns[name]()
             if r >= warmup:
