@@ -206,8 +206,8 @@ def _markdown(meta: dict, sections, plot: str | None) -> str:
         f"- {versions}",
         f"- JAX backend: `{m['backend']}` ({', '.join(m['devices'])})",
         f"- sizes: {'quick (tiny)' if meta['quick'] else 'full'}; {meta['repeats']} timed calls "
-        f"per alternative ({bn.ROUNDS_PER_REPEAT * meta['repeats']} in the BN tables), after two "
-        f"untimed rounds; {meta['rounds']} rounds of worker processes",
+        f"per alternative ({bn.ROUNDS_PER_REPEAT * meta['repeats']} in the BN tables), after "
+        f"{timing.WARMUP_ROUNDS} untimed rounds; {meta['rounds']} rounds of worker processes",
         f"- XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, malloc settings of the parent: "
         f"{malloc or 'none'}; transparent huge pages: {_thp_setting()}",
         "",

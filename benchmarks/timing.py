@@ -17,13 +17,17 @@ import time
 from typing import Callable, Mapping, Sequence
 
 
+# Untimed rounds before the timed ones: the first rounds after compiling ran
+# up to 1.5x slower while malloc's heap settled.
+WARMUP_ROUNDS = 2
+
+
 def interleave(fns: Mapping[str, Callable[[], object]], repeats: int,
-               warmup: int = 2) -> dict[str, list[float]]:
+               warmup: int = WARMUP_ROUNDS) -> dict[str, list[float]]:
     """Seconds per call of each blocking ``fn``, timed round-robin ``repeats`` times.
 
-    Every round shuffles the order (the same orders in every run).
-    ``warmup`` untimed rounds come first: the first rounds after compiling
-    ran up to 1.5x slower while malloc's heap settled.
+    Every round shuffles the order (the same orders in every run);
+    ``warmup`` untimed rounds come first.
     """
     names = list(fns)
     order = random.Random(0)
