@@ -13,9 +13,12 @@ from train import conv as conv_module
 from train.conv import Conv, conv, explicit_pads, kernel_grad, max_pool, xla_kernel_grad
 
 # (input shape, out features, kernel size, strides, padding): the CNN's and
-# ResNet's layers (3x3 'SAME', stride 1 and 2, 1x1 projections), plus VALID,
-# explicit and asymmetric padding, a non-square kernel and a 1-D conv.
+# ResNet's layers (3x3 'SAME' on one channel and more, stride 1 and 2, 1x1
+# projections), plus VALID, explicit and asymmetric padding, a non-square
+# kernel and a 1-D conv.
 CASES = [
+    ((4, 9, 9, 1), 5, (3, 3), 1, "SAME"),
+    ((4, 9, 9, 1), 5, (3, 3), 2, "VALID"),
     ((4, 9, 9, 3), 5, (3, 3), 1, "SAME"),
     ((4, 9, 9, 3), 5, (3, 3), 2, "SAME"),
     ((3, 8, 7, 2), 4, (1, 1), 2, "SAME"),
@@ -57,8 +60,34 @@ def test_same_parameters_and_outputs_as_flax(case, use_bias):
     else:
         assert new.bias is None
     x = _normal(1, case[0])
-    # The forward pass is the same lax call: bit-identical.
-    np.testing.assert_array_equal(ref(x), new(x))
+    if case[0][-1] > 1:
+        # The forward pass is the same lax call: bit-identical.
+        np.testing.assert_array_equal(ref(x), new(x))
+        return
+    # One input channel: a matmul of patches on CPU, which sums the same
+    # window products in another order. Against the float64 convolution
+    # with the rounding bound of a float32 sum of n terms, n * eps * sum|terms|.
+    exact, magnitude = _exact_output(ref, x)
+    n = math.prod(case[2])
+    bound = n * np.finfo(np.float32).eps * magnitude
+    assert np.all(np.abs(np.asarray(new(x), np.float64) - exact) <= bound)
+
+
+def _exact_output(layer, x):
+    """``layer(x)`` in float64, and the same with |x| and |kernel| (sum of |terms|)."""
+    kernel = np.asarray(layer.kernel[...], np.float64)
+    bias = None if layer.bias is None else np.asarray(layer.bias[...], np.float64)
+    with jax.enable_x64(True):
+        f64 = nnx.Conv(x.shape[-1], kernel.shape[-1], layer.kernel_size, strides=layer.strides,
+                       padding=layer.padding, use_bias=False, param_dtype=jnp.float64,
+                       rngs=nnx.Rngs(0))
+        f64.kernel[...] = jnp.asarray(kernel)
+        exact = np.asarray(f64(jnp.asarray(x, jnp.float64)))
+        f64.kernel[...] = jnp.asarray(np.abs(kernel))
+        magnitude = np.asarray(f64(jnp.asarray(np.abs(x), jnp.float64)))
+    if bias is not None:
+        exact, magnitude = exact + bias, magnitude + np.abs(bias)
+    return exact, magnitude
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -150,9 +179,9 @@ def test_both_kernel_gradients_are_within_the_rounding_bound(case):
         assert np.all(np.abs(np.asarray(dk, np.float64) - exact) <= bound), name
 
 
-def _lowered_ops(platforms):
+def _lowered_ops(platforms, channels=3):
     """Convolutions and dot products in the gradient program lowered for ``platforms``."""
-    x, kernel = jnp.ones((4, 9, 9, 3)), jnp.ones((3, 3, 3, 5))
+    x, kernel = jnp.ones((4, 9, 9, channels)), jnp.ones((3, 3, channels, 5))
     grad = jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k, (1, 1), "SAME") ** 2),
                             argnums=(0, 1)))
     text = jax.export.export(grad, platforms=platforms)(x, kernel).mlir_module()
@@ -165,6 +194,9 @@ def test_kernel_gradient_path_is_chosen_per_platform():
     assert _lowered_ops(("cpu",)) == (2, 1)
     assert _lowered_ops(("cuda",)) == (3, 0)
     assert _lowered_ops(("tpu",)) == (3, 0)
+    # One input channel: on CPU the forward pass is a matmul as well.
+    assert _lowered_ops(("cpu",), channels=1) == (1, 2)
+    assert _lowered_ops(("cuda",), channels=1) == (3, 0)
 
 
 def test_bfloat16_inputs():
