@@ -128,15 +128,19 @@ def _forward(x, kernel, strides, pads):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv(x, kernel, strides, pads):
+    return _primal(x, kernel, strides, pads)
+
+
+def _conv_fwd(x, kernel, strides, pads):
+    return _primal(x, kernel, strides, pads), (x, kernel)
+
+
+def _primal(x, kernel, strides, pads):
     if x.shape[-1] != 1:
         return _forward(x, kernel, strides, pads)
     return lax.platform_dependent(
         x, kernel, cpu=lambda x, k: _patch_forward(x, k, strides, pads),
         default=lambda x, k: _forward(x, k, strides, pads))
-
-
-def _conv_fwd(x, kernel, strides, pads):
-    return _conv(x, kernel, strides, pads), (x, kernel)
 
 
 def _patch_forward(x, kernel, strides, pads):
