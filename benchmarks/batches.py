@@ -3,21 +3,11 @@
 Both workers cycle through the same ``DISTINCT_BATCHES`` batches: one batch
 repeated lets the model fit it, and the shrinking gradients (denormals on
 CPU) then time something that training never sees.
-
-The CNN's batches are images, not noise: PyTorch's NCHW max pool branches on
-its data, and its train step took 72 ms on N(0, 1) images against 52 ms on
-MNIST batches (one process, interleaved; channels_last and JAX's step
-unchanged). scikit-learn's digits enlarged to MNIST's format ran at MNIST's
-52 ms, and need no download.
 """
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
-
-from train import data
 
 DISTINCT_BATCHES = 8
 
@@ -38,27 +28,11 @@ IMAGE = (28, 28, 1)
 NUM_CLASSES = 10
 
 
-@functools.lru_cache(maxsize=1)
-def digit_images() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's training digits in MNIST's format: (n, 28, 28, 1) float32, labels.
-
-    Each 8x8 digit is enlarged 3x to 24x24 and centred on a blank 28x28
-    field (MNIST centres 20x20 digits so), then standardized as train
-    standardizes MNIST.
-    """
-    digits = data.load_digits()
-    big = digits.x_train.repeat(3, axis=1).repeat(3, axis=2)
-    margin = (IMAGE[0] - big.shape[1]) // 2
-    # Standardized, a blank pixel is the smallest value.
-    x = np.pad(big, ((0, 0), (margin, margin), (margin, margin), (0, 0)), constant_values=big.min())
-    return ((x - x.mean()) / x.std()).astype(np.float32), digits.y_train
-
-
 def cnn_batch(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` distinct (28, 28, 1) float32 digit images and their int32 labels, drawn by ``seed``."""
-    x, y = digit_images()
-    pick = np.random.default_rng(seed).choice(len(x), n, replace=False)
-    return x[pick], y[pick]
+    """(n, 28, 28, 1) float32 N(0, 1) images and int32 labels, from ``seed``."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n,) + IMAGE, np.float32),
+            rng.integers(0, NUM_CLASSES, n).astype(np.int32))
 
 
 def cnn_batches(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
