@@ -26,6 +26,20 @@ CNN_BN_MOMENTUM = 0.1
 LAYOUTS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
+def in_layout(t, layout):
+    """A copy of NCHW-shaped ``t`` whose strides are ``layout``'s.
+
+    With one channel either layout's strides pass as contiguous in both, so
+    ``.contiguous(memory_format=...)`` keeps whichever ``t`` has, and PyTorch
+    picks a layer's layout from the strides: a batch permuted from NHWC data
+    then runs the whole net in channels_last, one copied to NCHW in NCHW.
+    """
+    if layout == torch.channels_last:
+        nhwc = t.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format)
+        return nhwc.permute(0, 3, 1, 2)
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -80,8 +94,8 @@ class Stepper:
         self.model = CNN().to(device).to(memory_format=layout).train()
         self.opt = torch.optim.Adam(self.model.parameters(), lr=2e-3)
         # The JAX worker's batches, NCHW here, cycled the same way.
-        self.batches = [(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device)
-                         .contiguous(memory_format=layout), torch.from_numpy(y).long().to(device))
+        self.batches = [(in_layout(torch.from_numpy(x).to(device).permute(0, 3, 1, 2), layout),
+                         torch.from_numpy(y).long().to(device))
                         for x, y in batches.cnn_batches(n)]
         self.calls = 0
         start = time.perf_counter()
@@ -111,10 +125,10 @@ def cnn_task(quick, repeats, device, names=None):
 
 def _conv_case(layout, shape, cout, wrt_input, n, device):
     h, w, cin = shape
-    weight = torch.randn(cout, cin, 3, 3, device=device, requires_grad=True)
-    x = torch.randn(n, cin, h, w, device=device).contiguous(memory_format=layout)
+    weight = in_layout(torch.randn(cout, cin, 3, 3, device=device), layout).requires_grad_()
+    x = in_layout(torch.randn(n, cin, h, w, device=device), layout)
     x.requires_grad_(wrt_input)
-    g = torch.randn(n, cout, h, w, device=device).contiguous(memory_format=layout)
+    g = in_layout(torch.randn(n, cout, h, w, device=device), layout)
     inputs = (weight, x) if wrt_input else (weight,)
 
     def call():

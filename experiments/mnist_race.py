@@ -51,11 +51,10 @@ LABELS = {"jax": "python -m train (JAX, jaxbn)", "pytorch": "PyTorch NCHW",
 def torch_run(epochs: int, layout: str) -> list[dict]:
     """The same model, optimizer, schedule and data order in PyTorch (this process),
     in memory format ``layout`` ('contiguous_format' is NCHW)."""
-    import numpy as np
     import torch
     from torch import nn
 
-    from benchmarks.torch_worker import CNN
+    from benchmarks.torch_worker import CNN, in_layout
     from train import data
     from train.config import DATASET_DEFAULTS
 
@@ -63,11 +62,7 @@ def torch_run(epochs: int, layout: str) -> list[dict]:
     torch.manual_seed(0)
     ds = data.load("mnist", os.environ.get("JAXBN_DATA"))
     memory_format = getattr(torch, layout)
-    # A copy, not np.ascontiguousarray: that keeps a stride of 1 on the
-    # size-1 channel axis, which PyTorch reads as channels_last, and the
-    # whole net would then run in that format.
-    to_nchw = lambda x: torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).contiguous(
-        memory_format=memory_format)
+    to_nchw = lambda x: in_layout(torch.from_numpy(x).permute(0, 3, 1, 2), memory_format)
     x_test, y_test = to_nchw(ds.x_test), torch.from_numpy(ds.y_test).long()
     model = CNN().to(memory_format=memory_format).train()
     opt = torch.optim.Adam(model.parameters(), lr=PEAK_LR)
