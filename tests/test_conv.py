@@ -210,6 +210,20 @@ def test_bfloat16_inputs():
     np.testing.assert_allclose(new_grads.kernel[...], ref_grads.kernel[...], rtol=2e-2, atol=2e-1)
 
 
+def test_bfloat16_single_channel_forward_rounds_once():
+    # The patch matmul accumulates in float32 and rounds the sum to bfloat16
+    # once: within bfloat16's unit roundoff (2^-8 relative, half an ulp) of
+    # the exact sum, plus the float32 summation bound.
+    layer = Conv(1, 5, (3, 3), padding="SAME", use_bias=False, param_dtype=jnp.bfloat16,
+                 rngs=nnx.Rngs(0))
+    x = jnp.asarray(_normal(1, (4, 8, 8, 1)), jnp.bfloat16)
+    y = layer(x)
+    assert y.dtype == jnp.bfloat16
+    exact, magnitude = _exact_output(layer, np.asarray(x, np.float32))
+    bound = 2.0 ** -8 * np.abs(exact) + 9 * np.finfo(np.float32).eps * magnitude
+    assert np.all(np.abs(np.asarray(y, np.float64) - exact) <= bound)
+
+
 def test_works_under_jit_in_a_model():
     class Net(nnx.Module):
         def __init__(self, rngs):
