@@ -2,10 +2,10 @@
 
 Sections (``--only``, comma-separated):
   bn     jaxbn (functional, Linen, NNX) vs Flax's BatchNorm, memory floor, XLA memory
-  conv   the CNN's conv and pool layers: Flax vs train.conv (gradients)
+  pool   the CNN's 2x2 max pools: nnx.max_pool vs train.pool.max_pool (gradients)
   torch  BN forward+backward, JAX process vs PyTorch process
-  cnn    train's CNN step (Flax conv/pool, train.conv) vs the same net in PyTorch,
-         and its convolutions alone
+  cnn    train's CNN step (with either pool) vs the same net in PyTorch, and its
+         convolutions alone
   alloc  the same worker processes under other glibc malloc settings (CPU)
   threads  the same worker processes pinned to one core (CPU)
   scaling  BN sync and train's CNN step against the number of (simulated) devices
@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-SECTIONS = ("bn", "conv", "torch", "cnn", "alloc", "threads", "scaling")
+SECTIONS = ("bn", "pool", "torch", "cnn", "alloc", "threads", "scaling")
 HERE = Path(__file__).resolve().parent
 
 
@@ -76,9 +76,10 @@ def main(argv=None) -> int:
         results["bn"] = bn.run(quick, repeats)
         for title, body in bn.tables(results["bn"]):
             emit(title, body)
-    if "conv" in args.only:
-        emit("CNN layers: Flax vs train.conv, median of jit(grad) (speedup = Flax / train.conv)",
-             cnn.layer_table(cnn.run_layers(quick, repeats)))
+    if "pool" in args.only:
+        emit(f"CNN pools: {cnn.REFERENCE} vs {cnn.TRAIN_VARIANT}, median of jit(grad) "
+             f"(speedup = {cnn.REFERENCE} / {cnn.TRAIN_VARIANT})",
+             cnn.pool_table(cnn.run_pools(quick, repeats)))
     jobs = worker_jobs(args.only, quick, repeats, backend)
     if jobs:
         print(f"\nworker processes ({rounds} round(s)):", flush=True)
@@ -165,7 +166,7 @@ def worker_tables(only, runs: dict) -> list[tuple[str, str]]:
         out.append(("CNN train step, each alone in its own processes: python -m train vs PyTorch",
                     report.alone_table({key: runs[name] for key, name in ALONE_JOBS.items()})))
         if torch_run:
-            out.append(("CNN convolutions alone in separate processes: JAX (train.conv, "
+            out.append(("CNN convolutions alone in separate processes: JAX (nnx.Conv, "
                         "train's compiler options) vs PyTorch", report.layers_table(jax_run, torch_run)))
     if any(", " in name for name in runs):  # processes under other settings
         out.append(("Worker process settings: glibc malloc, one core, one CNN step alone",

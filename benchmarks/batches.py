@@ -41,19 +41,10 @@ def cnn_batches(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
 
 # The CNN's convolutions (NHWC input without the batch, output channels,
 # whether the input gradient is needed: not for the first layer), timed
-# alone in both frameworks.
+# alone in both frameworks; conv2 also without its input gradient, to tell
+# its two gradients apart.
 CONV_LAYERS = {
     "conv1 fwd + kernel grad": ((28, 28, 1), 32, False),
     "conv2 fwd + kernel and input grads": ((14, 14, 32), 64, True),
+    "conv2 fwd + kernel grad": ((14, 14, 32), 64, False),
 }
-GEMM = "conv2's kernel grad as one matmul"
-
-
-def gemm_shape(n: int) -> tuple[int, int, int]:
-    """(M, K, N) of conv2's kernel gradient as im2col patches^T @ dy."""
-    (h, w, cin), cout, _ = CONV_LAYERS["conv2 fwd + kernel and input grads"]
-    return 9 * cin, n * h * w, cout
-
-
-def layer_input(seed: int, shape) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape, np.float32)

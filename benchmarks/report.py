@@ -106,16 +106,15 @@ def alone_table(runs: dict[str, dict]) -> str:
 
 
 def layers_table(jax_run: dict, torch_run: dict) -> str:
-    """train.conv's convolutions and XLA's matmul vs PyTorch's, per layer."""
+    """The CNN's convolutions (nnx.Conv, compiled as train's step) vs PyTorch's, per layer."""
     torch_layers = torch_run["layers"]
     rows = []
     for name, r in jax_run["layers"].items():
-        # The matmul has no layout: the same time under both.
-        torch_times = [torch_layers.get(f"{name} {layout}", torch_layers.get(name))["seconds"]
+        torch_times = [torch_layers[f"{name} {layout}"]["seconds"]
                        for layout in ("NCHW", "channels_last")]
         rows.append([name, timing.ms(r["seconds"]), *map(timing.ms, torch_times),
                      timing.ratio(r["seconds"], min(torch_times))])
-    return timing.table(["layer (fwd + grads)", "JAX train.conv", "PyTorch NCHW",
+    return timing.table(["layer (fwd + grads)", "JAX nnx.Conv", "PyTorch NCHW",
                          "PyTorch channels_last", "JAX time / fastest PyTorch"], rows)
 
 

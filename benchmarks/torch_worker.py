@@ -139,19 +139,11 @@ def _conv_case(layout, shape, cout, wrt_input, n, device):
 
 
 def layers_task(quick, repeats, device):
-    """The CNN's convolutions alone (both layouts), and conv2's kernel-grad matmul."""
+    """The CNN's convolutions alone, in both layouts."""
     n = 8 if quick else 128
     fns = {f"{name} {layout_name}": _conv_case(layout, shape, cout, wrt_input, n, device)
            for name, (shape, cout, wrt_input) in batches.CONV_LAYERS.items()
            for layout_name, layout in LAYOUTS.items()}
-    m, k, n_out = batches.gemm_shape(n)
-    a = torch.from_numpy(batches.layer_input(1, (m, k))).to(device)
-    b = torch.from_numpy(batches.layer_input(2, (k, n_out))).to(device)
-
-    def matmul():
-        torch.mm(a, b)
-        _synchronize(device)
-    fns[batches.GEMM] = matmul
     return {name: {"seconds": t} for name, t in timing.medians(timing.interleave(fns, repeats)).items()}
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import batches
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -30,7 +32,7 @@ def quick_run(tmp_path_factory):
 def test_quick_run_prints_every_section_with_ratios(quick_run):
     stdout, _ = quick_run
     for title in ("BN train fwd+bwd: median time (ratio to flax.linen), page faults per call", "BN eval",
-                  "XLA memory_analysis", "CNN layers: Flax vs train.conv",
+                  "XLA memory_analysis", "CNN pools: nnx.max_pool vs train.pool.max_pool",
                   "JAX (NHWC) vs PyTorch BatchNorm2d", "CNN train step",
                   "CNN convolutions alone", "each alone in its own processes",
                   "Worker process settings", "Data-parallel scaling"):
@@ -56,8 +58,9 @@ def test_workers_print_one_json_line():
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(result["bn"]) == {"BatchNorm2d NCHW", "BatchNorm2d channels_last"}
-    # Every convolution in both layouts, and the matmul.
-    assert len(result["layers"]) == 2 * 2 + 1
+    # Every convolution in both layouts.
+    assert set(result["layers"]) == {f"{name} {layout}" for name in batches.CONV_LAYERS
+                                     for layout in ("NCHW", "channels_last")}
     assert all(r["seconds"] > 0 for r in result["layers"].values())
 
 
@@ -79,7 +82,7 @@ def test_both_workers_time_the_same_bn_tensor(backend):
     # The JAX worker times bn.configs(...)[0]; the PyTorch worker builds its
     # NCHW tensor from batches.bn_shape: the cross-framework ratio needs both
     # to be one tensor. GPUs get a tensor too large to be launch-bound.
-    from benchmarks import batches, bn
+    from benchmarks import bn
 
     first = bn.configs(False, backend)[0]
     assert first.shape == batches.bn_shape(False, backend) and first.dtype == "float32"

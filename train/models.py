@@ -16,9 +16,9 @@ from flax import nnx
 
 from jaxbn.nnx import BatchNorm, BatchRenorm, GroupNorm, LayerNorm
 
-# Drop-ins for nnx.Conv and the 2x2 max pool: same parameters and outputs,
-# gradients that XLA:CPU computes much faster.
-from train.conv import Conv, max_pool
+# nnx.max_pool's 2x2 case with the same outputs and gradients, which XLA:CPU
+# computes much faster.
+from train.pool import max_pool
 
 NUM_CLASSES = 10
 
@@ -118,8 +118,8 @@ class ConvNormAct(nnx.Module):
 
     def __init__(self, cin, cout, *, norm, opts, rngs, stride=1, act=True):
         spec = NORMS[norm]
-        self.conv = Conv(cin, cout, (3, 3), strides=stride, padding="SAME",
-                         use_bias=not spec.has_bias, kernel_init=KERNEL_INIT, rngs=rngs)
+        self.conv = nnx.Conv(cin, cout, (3, 3), strides=stride, padding="SAME",
+                             use_bias=not spec.has_bias, kernel_init=KERNEL_INIT, rngs=rngs)
         self.norm = make_norm(norm, cout, spatial=True, opts=opts, rngs=rngs)
         self.act = act
 
@@ -210,8 +210,8 @@ class ResidualBlock(nnx.Module):
         self.b = ConvNormAct(cout, cout, norm=norm, opts=opts, rngs=rngs, act=False)
         if stride != 1 or cin != cout:
             spec = NORMS[norm]
-            self.proj = Conv(cin, cout, (1, 1), strides=stride, padding="SAME",
-                             use_bias=not spec.has_bias, kernel_init=KERNEL_INIT, rngs=rngs)
+            self.proj = nnx.Conv(cin, cout, (1, 1), strides=stride, padding="SAME",
+                                 use_bias=not spec.has_bias, kernel_init=KERNEL_INIT, rngs=rngs)
             self.proj_norm = make_norm(norm, cout, spatial=True, opts=opts, rngs=rngs)
         else:
             self.proj = None

@@ -13,7 +13,7 @@ import json, sys
 from train.allocator import tune_malloc
 tuned = tune_malloc() if sys.argv[1] == "tuned" else False
 from benchmarks import cnn, timing
-step = cnn.Stepper("Conv + max_pool", 128)
+step = cnn.Stepper(cnn.TRAIN_VARIANT, 128)
 step()
 faults = [timing.faults_per_call(step, 1) for _ in range(8)]
 print(json.dumps({"tuned": tuned, "faults_per_step": faults}))
