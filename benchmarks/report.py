@@ -73,7 +73,8 @@ def cnn_table(jax_run: dict, torch_run: dict | None, train_run: dict | None = No
     if torch_run:
         rows += [(f"PyTorch {name}", r) for name, r in torch_run["cnn"].items()]
     flax_speed = jax_run["cnn"][cnn.REFERENCE]["images_per_second"]
-    headers = ["step", "median step", "images/s", "first step (compile)", "speed / JAX flax"]
+    headers = ["step", "median step", "images/s", "first step (compile)",
+               f"speed / JAX {cnn.REFERENCE}"]
     if torch_run:
         torch_speed = torch_run["cnn"]["NCHW"]["images_per_second"]
         headers.append("speed / PyTorch NCHW")
