@@ -16,8 +16,8 @@ from flax import nnx
 
 from jaxbn.nnx import BatchNorm, BatchRenorm, GroupNorm, LayerNorm
 
-# nnx.max_pool's 2x2 case with the same outputs and gradients, which XLA:CPU
-# computes much faster.
+# nnx.max_pool's 2x2 case: same outputs and gradients, and a gradient that
+# XLA:CPU computes much faster.
 from train.pool import max_pool
 
 NUM_CLASSES = 10
