@@ -41,11 +41,6 @@ def batch_size(quick: bool) -> int:
     return 8 if quick else 128
 
 
-def compiler_options():
-    """The options train compiles its steps with on this backend."""
-    return steps.CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-
-
 def _normal(seed, shape):
     # NumPy draws: eager jax.random would compile a program per shape.
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
@@ -105,14 +100,15 @@ def _conv_case(x_shape, cout, wrt_input):
     def loss(params, x):
         return jnp.sum(nnx.merge(graphdef, params)(x) * g)
     grad = jax.jit(jax.grad(loss, argnums=(0, 1) if wrt_input else 0),
-                   compiler_options=compiler_options())
+                   compiler_options=steps.compiler_options(jax.default_backend()))
     return lambda: jax.block_until_ready(grad(params, x))
 
 
 def _pool_case(pool, x_shape):
     x = jnp.maximum(_normal(1, x_shape), 0)  # ReLU outputs: many tied zeros
     g = _normal(2, (x_shape[0], x_shape[1] // 2, x_shape[2] // 2, x_shape[3]))
-    grad = jax.jit(jax.grad(lambda x: jnp.sum(pool(x) * g)), compiler_options=compiler_options())
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(pool(x) * g)),
+                   compiler_options=steps.compiler_options(jax.default_backend()))
     return lambda: jax.block_until_ready(grad(x))
 
 

@@ -34,6 +34,11 @@ CPU_COMPILER_OPTIONS = {
 }
 
 
+def compiler_options(platform: str) -> dict | None:
+    """The XLA options train's steps compile with on ``platform`` ('cpu', 'gpu', ...)."""
+    return CPU_COMPILER_OPTIONS if platform == "cpu" else None
+
+
 def use_compile_cache(setting: str | None) -> None:
     """``--compile-cache``: JAX's persistent compilation cache in a directory.
 
@@ -248,8 +253,7 @@ def jit_steps(train_step, eval_step, mesh: Mesh | None):
     statistics with one collective. Evaluation uses running statistics
     only, so plain ``jit`` over the sharded batch suffices.
     """
-    platform = (mesh.devices.flat[0] if mesh else jax.devices()[0]).platform
-    options = CPU_COMPILER_OPTIONS if platform == "cpu" else None
+    options = compiler_options((mesh.devices.flat[0] if mesh else jax.devices()[0]).platform)
     if mesh is None:
         return (jax.jit(train_step, donate_argnums=0, compiler_options=options),
                 jax.jit(eval_step, compiler_options=options))
