@@ -30,6 +30,20 @@ def np_normalize(x, mean, var, scale, bias, feature_axes, epsilon):
   return y
 
 
+def bfloat16_ulps(y, ref):
+  """|y - ref| in units of bfloat16's spacing at |ref| (at least that at 1/16).
+
+  A result computed in float32 and rounded once to bfloat16 is within 0.5
+  ulp (plus float32's ~2^-16 ulp); arithmetic that rounds to bfloat16 after
+  each operation is not. The floor at 1/16 keeps the float32 rounding of
+  terms of size ~1 out of results that cancel to nearly zero.
+  """
+  ref = np.asarray(ref, np.float64)
+  magnitude = np.maximum(np.abs(ref), 1.0 / 16)
+  spacing = 2.0 ** (np.floor(np.log2(magnitude)) - 7)
+  return np.abs(np.asarray(y, np.float64) - ref) / spacing
+
+
 def np_batch_norm_train(x, run_mean, run_var, count, scale=None, bias=None, *,
                         feature_axes=(-1,), momentum=0.99, epsilon=1e-5,
                         mask=None, running_var='biased'):

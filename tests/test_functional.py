@@ -10,7 +10,8 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxbn
-from reference import cancelling_dx_case, np_batch_norm_train, np_moments, np_normalize
+from reference import (bfloat16_ulps, cancelling_dx_case, np_batch_norm_train, np_moments,
+                       np_normalize)
 
 # float32 arithmetic on O(1) normalized values: a few ulps of 1.0 per op over
 # reductions of ~1e3 terms stays well below 1e-5.
@@ -118,6 +119,22 @@ def test_per_feature_mask():
   np.testing.assert_allclose(y, ry, **F32_TOL)
   np.testing.assert_allclose(new.mean, rm, **F32_TOL)
   np.testing.assert_allclose(new.var, rv, **F32_TOL)
+
+
+def test_normalize_with_bfloat16_statistics_rounds_once():
+  # Flax NNX hands bfloat16 statistics and parameters to the normalization
+  # when dtype=bfloat16; the arithmetic still runs in float32.
+  rng = np.random.default_rng(0)
+  as_bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)
+  x = as_bf16(3.0 + 2.0 * rng.standard_normal((512, 16)))
+  mean, var = as_bf16(3.0 + 0.1 * rng.standard_normal(16)), as_bf16(rng.uniform(2, 6, 16))
+  scale, bias = as_bf16(rng.uniform(0.5, 1.5, 16)), as_bf16(rng.standard_normal(16))
+  y = jaxbn.normalize(x, mean, var, scale, bias)
+  assert y.dtype == jnp.bfloat16
+  f64 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)
+  ref = np_normalize(f64(x), f64(mean), f64(var), f64(scale), f64(bias), (1,), 1e-5)
+  # One rounding: 0.5 ulp, and float32's own error is ~2^-16 ulp.
+  assert bfloat16_ulps(y, ref).max() <= 0.501
 
 
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])

@@ -28,7 +28,7 @@ from flax.nnx import bridge
 import jaxbn
 import jaxbn.linen
 import jaxbn.nnx
-from reference import np_batch_norm_train, np_moments
+from reference import bfloat16_ulps, np_batch_norm_train, np_moments, np_normalize
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 EVAL_TOL = dict(rtol=1e-6, atol=1e-6)
@@ -319,6 +319,28 @@ def test_bfloat16_keeps_float32_statistics(dtype, param_dtype):
   np.testing.assert_allclose(ours.var[...], var, rtol=1e-6)
   ours.eval()
   assert ours(jnp.asarray(x)).dtype == ys['jaxbn'].dtype
+
+
+def test_bfloat16_evaluation_rounds_once():
+  # dtype=bfloat16 promotes the running statistics and parameters to
+  # bfloat16 (Flax's semantics, kept); the normalization itself then runs in
+  # float32 and rounds once, where Flax's rounds after every operation.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(3.0 + 2.0 * rng.standard_normal((512, 16)), jnp.bfloat16)
+  layers = {k: cls(16, dtype=jnp.bfloat16, use_running_average=True, rngs=nnx.Rngs(0))
+            for k, cls in BN_CLASSES.items()}
+  stats = {'mean': 3.0 + 0.1 * rng.standard_normal(16), 'var': rng.uniform(2, 6, 16),
+           'scale': rng.uniform(0.5, 1.5, 16), 'bias': rng.standard_normal(16)}
+  for layer in layers.values():
+    for name, value in stats.items():
+      getattr(layer, name)[...] = jnp.asarray(value, jnp.float32)
+  seen = lambda a: np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16), np.float64)
+  ref = np_normalize(seen(x), *(seen(stats[k]) for k in ('mean', 'var', 'scale', 'bias')),
+                     (1,), 1e-5)
+  errors = {k: bfloat16_ulps(layer(x), ref).max() for k, layer in layers.items()}
+  assert layers['jaxbn'](x).dtype == layers['flax'](x).dtype == jnp.bfloat16
+  assert errors['jaxbn'] <= 0.501  # one rounding; float32's own error is ~2^-16 ulp
+  assert errors['flax'] > 1.0
 
 
 def test_mask_with_nan_matches_reference_and_has_finite_gradients():
