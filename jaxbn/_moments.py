@@ -41,6 +41,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 # Plain sums serve features with |mean|^2 <= CONDITION_LIMIT * var.
@@ -170,15 +171,36 @@ def _median_of_three(x, reduction_axes):
   """Per feature, the median of the first three entries along the first
   reduced axis (the first entry where that axis is shorter); real and
   imaginary parts apart."""
-  if not reduction_axes or x.shape[min(reduction_axes)] < 3:
-    return _first_sample(x, reduction_axes)
+  if not reduction_axes:
+    return x
   axis = min(reduction_axes)
-  head = _first_sample(x, tuple(r for r in reduction_axes if r != axis))
+  count = min(3, x.shape[axis])
+  head = _leading_block(x, {a: count if a == axis else 1 for a in reduction_axes})
+  if count < 3:
+    return lax.slice_in_dim(head, 0, 1, axis=axis)
   a, b, c = (lax.slice_in_dim(head, i, i + 1, axis=axis) for i in range(3))
   median = lambda a, b, c: jnp.maximum(jnp.minimum(a, b), jnp.minimum(jnp.maximum(a, b), c))
   if jnp.iscomplexobj(x):
     return lax.complex(median(a.real, b.real, c.real), median(a.imag, b.imag, c.imag))
   return median(a, b, c)
+
+
+def _leading_block(x, lengths):
+  """``x[:lengths[0], :lengths[1], ...]`` on the axes in ``lengths``.
+
+  A batch sharded over a mesh with explicit axes cannot be sliced to fewer
+  rows than devices in its own sharding type, so there the block is taken
+  in automatic sharding mode (a few rows travel, not the batch) and comes
+  back unsharded along those axes.
+  """
+  index = tuple(slice(0, lengths[i]) if i in lengths else slice(None) for i in range(x.ndim))
+  take = lambda x: x[index]
+  sharding = jax.typeof(x).sharding
+  spec = getattr(sharding, 'spec', None)
+  if spec is None or all(spec[i] is None for i in lengths if i < len(spec)):
+    return take(x)
+  unsharded = PartitionSpec(*(None if i in lengths else p for i, p in enumerate(spec)))
+  return jax.sharding.auto_axes(take, out_sharding=NamedSharding(sharding.mesh, unsharded))(x)
 
 
 def _moments_about(x, shift, reduction_axes, own_reads=False):
@@ -247,12 +269,6 @@ def _pool_across(local: Moments, axis_name, axis_index_groups) -> Moments:
       jnp.stack(parts), axis_name, axis_index_groups=axis_index_groups)
   mean = gathered[:, 1] + 1j * gathered[:, 2] if is_complex else gathered[:, 1]
   return pool_moments(Moments(mean=mean, var=gathered[:, -1], count=gathered[:, 0]))
-
-
-def _first_sample(x, reduction_axes):
-  index = tuple(slice(0, 1) if i in reduction_axes else slice(None)
-                for i in range(x.ndim))
-  return x[index]
 
 
 def _expand(v, reduction_axes):
