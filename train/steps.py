@@ -99,7 +99,8 @@ def make_schedule(name: str, lr: float, total_steps: int) -> optax.Schedule:
     if name == "onecycle":
         return optax.cosine_onecycle_schedule(total_steps, lr)
     if name == "cosine":
-        warmup = max(1, total_steps // 20)
+        # At least one warmup step, and at least one step left to decay over.
+        warmup = min(max(1, total_steps // 20), total_steps - 1)
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=lr, warmup_steps=warmup,
             decay_steps=total_steps, end_value=lr * 0.01)

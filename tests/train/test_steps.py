@@ -122,6 +122,16 @@ def test_schedules_peak_at_lr(name):
         assert values[-1] < 0.01 and values[0] < 0.1
 
 
+@pytest.mark.parametrize("name", ["cosine", "onecycle", "constant"])
+@pytest.mark.parametrize("total", [1, 2, 3, 20, 21])
+def test_short_schedules_still_reach_lr(name, total):
+    # A run of a single step (one batch, one epoch) must still train.
+    schedule = steps.make_schedule(name, 0.1, total)
+    values = np.asarray([schedule(i) for i in range(total)])
+    assert np.isfinite(values).all()
+    assert values.max() == pytest.approx(0.1, rel=1e-3)
+
+
 def test_make_mesh_rejects_more_devices_than_visible():
     assert steps.make_mesh(1) is None
     with pytest.raises(ValueError, match="--devices 999 but only"):
