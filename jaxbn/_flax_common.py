@@ -15,6 +15,15 @@ from jaxbn import _norms
 from jaxbn import _renorm
 
 
+def floating_input(x):
+  """``x`` as an array; integer and boolean inputs become float32 (or wider),
+  as Flax's Linen layers take them."""
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return x
+  return x.astype(jnp.promote_types(jnp.float32, x.dtype))
+
+
 def feature_axes(axis, ndim: int) -> tuple[int, ...]:
   return _checks.canonical_axes(axis, ndim)
 

@@ -280,7 +280,7 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x, *, mask: jax.Array | None = None):
     """Normalizes each example of ``x`` over ``reduction_axes``."""
-    x = jnp.asarray(x)
+    x = _flax_common.floating_input(x)
     axes = _checks.canonical_axes(self.feature_axes, x.ndim, 'feature_axes')
     scale, bias, out_dtype = _affine_params(self, x, tuple(x.shape[a] for a in axes))
     return layer_norm(x, scale, bias, reduction_axes=self.reduction_axes,
@@ -327,7 +327,7 @@ class GroupNorm(nn.Module):
   @nn.compact
   def __call__(self, x, *, mask: jax.Array | None = None):
     """Normalizes each group of channels of each example of ``x``."""
-    x = jnp.asarray(x)
+    x = _flax_common.floating_input(x)
     # Check the group layout before creating parameters, as Flax does.
     _flax_common.group_norm_layout(x.shape, self.num_groups, self.group_size,
                                    self.reduction_axes)
@@ -373,7 +373,7 @@ class InstanceNorm(nn.Module):
   @nn.compact
   def __call__(self, x, *, mask: jax.Array | None = None):
     """Normalizes each feature of each example of ``x``."""
-    x = jnp.asarray(x)
+    x = _flax_common.floating_input(x)
     axes = _checks.canonical_axes(self.feature_axes, x.ndim, 'feature_axes')
     if 0 in axes:
       raise ValueError(
@@ -441,7 +441,7 @@ def _batch_stats_call(mdl, x, use_running_average, mask, train, *, with_count):
   name = type(mdl).__name__
   use_running_average = nn.merge_param(
       'use_running_average', mdl.use_running_average, use_running_average)
-  x = jnp.asarray(x)
+  x = _flax_common.floating_input(x)
   axes = _flax_common.feature_axes(mdl.axis, x.ndim)
   feature_shape = tuple(x.shape[a] for a in axes)
 
