@@ -32,9 +32,10 @@ def feature_shape_arg(num_features) -> tuple[int, ...]:
 
 
 def float_array(x, name: str = 'x') -> jax.Array:
-  """Returns ``x`` as an array, refusing non-floating dtypes."""
-  if not hasattr(x, 'dtype'):
-    x = jnp.asarray(x)
+  """Returns ``x`` as a JAX array, refusing non-floating dtypes."""
+  # NumPy arrays too: float64 ones then take JAX's default precision once,
+  # not with a truncation warning at every later cast.
+  x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.inexact):
     raise TypeError(
         f'{name} must be a floating-point (or complex) array, got dtype '
@@ -106,6 +107,17 @@ def state_matches(state, feature_shape: tuple[int, ...]) -> None:
           f'state.{field} has shape {shape} but the input has feature shape '
           f'{feature_shape}; create the state with '
           f'jaxbn.init_state({_shape_literal(feature_shape)}) or fix `axis`.')
+
+
+def moments_match(batch, state) -> None:
+  """``update_state``'s batch moments have the running statistics' shape."""
+  for field in ('mean', 'var'):
+    got, want = tuple(jnp.shape(getattr(batch, field))), tuple(jnp.shape(getattr(state, field)))
+    if got != want:
+      raise ValueError(
+          f'the batch moments have {field} of shape {got} but state.{field} has '
+          f'shape {want}; compute them over the same feature axes '
+          '(jaxbn.moments(x, axis=...)) or create the state with that shape.')
 
 
 def param_matches(value, name: str, feature_shape: tuple[int, ...]) -> None:

@@ -48,6 +48,9 @@ def normalize(x, mean, var, scale=None, bias=None, *, axis=-1, epsilon=1e-5, dty
   """
   x = _checks.float_array(x)
   feature_axes = _checks.canonical_axes(axis, x.ndim)
+  feature_shape = tuple(x.shape[a] for a in feature_axes)
+  for name, value in (('mean', mean), ('var', var), ('scale', scale), ('bias', bias)):
+    _checks.param_matches(value, name, feature_shape)
   _checks.epsilon(epsilon)
   return normalize_checked(x, mean, var, scale, bias, feature_axes, epsilon, dtype or x.dtype)
 
@@ -151,21 +154,28 @@ def update_state(state: BatchNormState, batch: Moments, *, momentum=0.99,
   cumulative average over all updates (PyTorch's ``momentum=None``).
   ``running_var='unbiased'`` stores ``var * n / (n - 1)`` as PyTorch does.
   A feature whose batch had no valid entry keeps its running values.
+  The new state keeps ``state``'s dtypes, so it threads through
+  ``lax.scan``, except that a real mean turns complex for a complex batch.
   """
   _checks.momentum(momentum)
   _checks.running_var(running_var)
+  _checks.moments_match(batch, state)
+  count = jnp.asarray(state.count)
   var = _running_variance(batch, running_var)
   if momentum is None:
-    keep = 1.0 - 1.0 / (state.count + 1).astype(state.var.dtype)
+    keep = 1.0 - 1.0 / (count + 1).astype(state.var.dtype)
   else:
     keep = momentum
   has_data = batch.count > 0
   mean = jnp.where(has_data, _ema(state.mean, batch.mean, keep), state.mean)
   var = jnp.where(has_data, _ema(state.var, var, keep), state.var)
+  mean_dtype = jnp.result_type(state.mean)
+  if jnp.iscomplexobj(batch.mean) and not jnp.iscomplexobj(state.mean):
+    mean_dtype = jnp.result_type(state.mean, batch.mean)
   return BatchNormState(
-      mean=mean.astype(jnp.result_type(state.mean, batch.mean)),
-      var=var.astype(state.var.dtype),
-      count=state.count + 1,
+      mean=mean.astype(mean_dtype),
+      var=var.astype(jnp.result_type(state.var)),
+      count=count + 1,
   )
 
 

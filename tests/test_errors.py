@@ -38,6 +38,11 @@ def bn(x=X, state=STATE, **kw):
     (lambda: jaxbn.init_state('3'), TypeError, 'num_features must be an int'),
     (lambda: jaxbn.init_state(3, jnp.int32), TypeError, 'floating dtype'),
     (lambda: jaxbn.batch_norm(X, STATE), TypeError, 'training'),
+    (lambda: jaxbn.normalize(X, jnp.zeros(2), jnp.ones(3)), ValueError, 'mean has shape'),
+    (lambda: jaxbn.normalize(X, jnp.zeros(3), jnp.ones(3), jnp.ones(4)), ValueError,
+     'scale has shape'),
+    (lambda: jaxbn.update_state(STATE, jaxbn.moments(np.ones((4, 2), np.float32))), ValueError,
+     r'mean of shape \(2,\) but state.mean has shape \(3,\)'),
 ])
 def test_bad_input(call, error, message):
   with pytest.raises(error, match=message):

@@ -1,6 +1,7 @@
 """batch_norm against the float64 NumPy reference, option by option."""
 
 import re
+import warnings
 
 import flax.linen
 import jax
@@ -119,6 +120,31 @@ def test_per_feature_mask():
   np.testing.assert_allclose(y, ry, **F32_TOL)
   np.testing.assert_allclose(new.mean, rm, **F32_TOL)
   np.testing.assert_allclose(new.var, rv, **F32_TOL)
+
+
+def test_state_keeps_its_dtypes_so_it_threads_through_scan():
+  # float64 batches (x64 on) into a float32 state: the state stays float32,
+  # which lax.scan requires of its carry.
+  with jax.enable_x64(True):
+    xs = np.random.default_rng(0).standard_normal((5, 16, 4)) * 2 + 3
+    state, _ = jax.lax.scan(
+        lambda s, x: (jaxbn.batch_norm(x, s, training=True, momentum=None)[1], None),
+        jaxbn.init_state(4), xs)
+  assert (state.mean.dtype, state.var.dtype, state.count.dtype) == (
+      jnp.float32, jnp.float32, jnp.int32)
+  # momentum=None averages the five batches' statistics.
+  np.testing.assert_allclose(state.mean, xs.mean(1).mean(0), rtol=1e-6)
+  np.testing.assert_allclose(state.var, xs.var(1).mean(0), rtol=1e-6)
+
+
+def test_plain_python_count_and_numpy_float64_input():
+  x = np.random.default_rng(0).standard_normal((8, 6)) + 2  # float64, x64 off
+  state = jaxbn.BatchNormState(jnp.zeros(6), jnp.ones(6), 0)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # no dtype-truncation warnings
+    y, new = jaxbn.batch_norm(x, state, training=True, momentum=None)
+  assert y.dtype == jnp.float32 and int(new.count) == 1
+  np.testing.assert_allclose(new.mean, x.mean(0), rtol=1e-6)
 
 
 def test_normalize_with_bfloat16_statistics_rounds_once():
