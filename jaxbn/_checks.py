@@ -120,6 +120,16 @@ def moments_match(batch, state) -> None:
           '(jaxbn.moments(x, axis=...)) or create the state with that shape.')
 
 
+def virtual_batch_size(v) -> None:
+  """``None`` (no ghost batches) or an int of at least 2."""
+  if v is None:
+    return
+  if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 2:
+    raise ValueError(
+        f'virtual_batch_size must be an int >= 2, got {v!r}; a chunk of one '
+        'example has no batch statistics.')
+
+
 def param_matches(value, name: str, feature_shape: tuple[int, ...]) -> None:
   if value is None:
     return

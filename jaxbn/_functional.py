@@ -340,10 +340,7 @@ def _ghost_batch_norm(x, state, scale, bias, *, feature_axes, virtual_batch_size
                       running_var, dtype):
   """Ghost batch norm: statistics per chunk of ``virtual_batch_size`` examples."""
   v = virtual_batch_size
-  if not isinstance(v, int) or isinstance(v, bool) or v < 2:
-    raise ValueError(
-        f'virtual_batch_size must be an int >= 2, got {v!r}; a chunk of one '
-        'example has no batch statistics.')
+  _checks.virtual_batch_size(v)
   if 0 in feature_axes:
     raise ValueError(
         'virtual_batch_size splits axis 0 into chunks, but axis 0 is a '

@@ -126,6 +126,7 @@ class BatchNorm(nnx.Module):
     _checks.epsilon(epsilon)
     _checks.running_var(running_var)
     _checks.axis_groups(axis_name, axis_index_groups)
+    _checks.virtual_batch_size(virtual_batch_size)
     feature_shape = (num_features,)
     # Same variables, creation order and dtypes as Flax, so that state dicts
     # are interchangeable and initializers draw the same keys.

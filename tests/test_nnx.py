@@ -514,6 +514,13 @@ def test_unbiased_running_var_and_cumulative_average():
   np.testing.assert_allclose(bn.mean[...], np.mean([x.mean(0) for x in xs], 0), rtol=1e-5)
 
 
+@pytest.mark.parametrize('size', [0, 1, 2.5, True])
+def test_bad_virtual_batch_size_fails_at_construction(size):
+  # Not at the first training call, which an evaluation-only model never makes.
+  with pytest.raises(ValueError, match='virtual_batch_size must be an int >= 2'):
+    jaxbn.nnx.BatchNorm(4, virtual_batch_size=size, rngs=nnx.Rngs(0))
+
+
 def test_virtual_batch_size_delegates_to_ghost_batch_norm():
   x = _data((12, 4))
   bn = jaxbn.nnx.BatchNorm(4, virtual_batch_size=4, momentum=0.9, rngs=nnx.Rngs(0))
