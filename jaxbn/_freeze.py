@@ -57,8 +57,9 @@ def bn_param_labels(params_or_model, *, batch_stats=None):
       NNX model.
     batch_stats: Linen only, optional: ``variables['batch_stats']``. Without
       it batch norms are recognized by their auto-generated names
-      (``BatchNorm_0``, ...; any name starting with ``BatchNorm`` holding only
-      ``scale``/``bias``); with it also custom names like ``'bn1'``: every
+      (``BatchNorm_0``, ``BatchRenorm_0``, ...; any name starting with
+      ``BatchNorm`` or ``BatchRenorm`` holding only ``scale``/``bias``); with
+      it also custom names like ``'bn1'``: every
       params entry of only ``scale``/``bias`` whose module has ``mean`` and
       ``var`` in ``batch_stats``.
 
@@ -170,7 +171,7 @@ def _is_linen_batch_norm(node, path, batch_stats) -> bool:
     return False
   if any(isinstance(v, Mapping) for v in node.values()):
     return False
-  if str(path[-1]).startswith('BatchNorm'):
+  if str(path[-1]).startswith(('BatchNorm', 'BatchRenorm')):
     return True
   stats = batch_stats
   for key in path:

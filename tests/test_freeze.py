@@ -57,6 +57,19 @@ def test_linen_labels_by_name_and_by_batch_stats():
   assert jax.tree.structure(labels) == jax.tree.structure(params)
 
 
+class RenormNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return jaxbn.linen.BatchRenorm(use_running_average=True)(nn.Dense(4)(x))
+
+
+def test_linen_labels_auto_named_batch_renorm():
+  params = RenormNet().init(jax.random.key(0), jnp.ones((2, 3)))['params']
+  labels = bn_param_labels(params)
+  assert labels['BatchRenorm_0'] == {'scale': 'frozen', 'bias': 'frozen'}
+  assert set(jax.tree.leaves(labels['Dense_0'])) == {'trainable'}
+
+
 def test_linen_fine_tuning_leaves_batch_norm_untouched():
   model = LinenNet()
   variables = model.init(jax.random.key(0), _batch(0)[0], train=False)
