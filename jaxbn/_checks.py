@@ -94,12 +94,16 @@ def running_var(value) -> None:
         '"unbiased" stores the n/(n-1)-corrected variance like PyTorch.')
 
 
-def state_matches(state, feature_shape: tuple[int, ...]) -> None:
+def state_type(state) -> None:
   for field in ('mean', 'var', 'count'):
     if not hasattr(state, field):
       raise TypeError(
           'state must be a jaxbn.BatchNormState (from jaxbn.init_state), got '
           f'{type(state).__name__}.')
+
+
+def state_matches(state, feature_shape: tuple[int, ...]) -> None:
+  state_type(state)
   for field in ('mean', 'var'):
     shape = tuple(jnp.shape(getattr(state, field)))
     if shape != feature_shape:

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbn import _checks
 from jaxbn._state import BatchNormState
 
 def from_torch(state_dict_or_module, prefix: str = ''):
@@ -205,6 +206,7 @@ def _writable(v) -> np.ndarray:
 
 
 def _check_shapes(state, scale, bias) -> None:
+  _checks.state_type(state)
   shape = np.shape(state.mean)
   for name, v in (('var', state.var), ('scale', scale), ('bias', bias)):
     if v is not None and np.shape(v) != shape:

@@ -41,6 +41,8 @@ def bn(x=X, state=STATE, **kw):
     (lambda: jaxbn.normalize(X, jnp.zeros(2), jnp.ones(3)), ValueError, 'mean has shape'),
     (lambda: jaxbn.normalize(X, jnp.zeros(3), jnp.ones(3), jnp.ones(4)), ValueError,
      'scale has shape'),
+    (lambda: jaxbn.to_torch((np.zeros(3), np.ones(3))), TypeError, 'BatchNormState'),
+    (lambda: jaxbn.update_state({'mean': 0}, jaxbn.moments(X)), TypeError, 'BatchNormState'),
     (lambda: jaxbn.update_state(STATE, jaxbn.moments(np.ones((4, 2), np.float32))), ValueError,
      r'mean of shape \(2,\) but state.mean has shape \(3,\)'),
 ])
