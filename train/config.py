@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,6 +32,17 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "mnist": {"epochs": 2, "batch_size": 128, "lr": 2e-3, "augment_shift": 2},
     "fashion-mnist": {"epochs": 4, "batch_size": 128, "lr": 2e-3, "augment_shift": 0},
 }
+
+# Where --download fetches each dataset's files from, unless --base-url says.
+DEFAULT_BASE_URL = {
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+}
+
+# The step counters (optimizer count, schedule, bad-step count) are int32.
+MAX_STEPS = 2**31 - 1
+# Seeds become uint32 PRNG keys.
+SEED_LIMIT = 2**32
 
 # Fields that change what is computed. Resuming a run with a different value
 # for any of these would not reproduce the uninterrupted run.
@@ -143,6 +155,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if cfg.limit_train is not None and cfg.limit_train < 1:
         raise ConfigError(f"--limit-train must be at least 1, got {cfg.limit_train}")
+    if cfg.epochs is not None and cfg.epochs > MAX_STEPS:
+        raise ConfigError(f"--epochs must be at most {MAX_STEPS} (the step counter is a "
+                          f"32-bit integer), got {cfg.epochs}")
+    for name in ("lr", "weight_decay", "bn_momentum"):
+        value = getattr(cfg, name)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if cfg.lr is not None and not cfg.lr > 0:
         raise ConfigError(f"--lr must be positive, got {cfg.lr}")
     if not cfg.weight_decay >= 0:
@@ -151,8 +170,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--bn-momentum must be in [0, 1), got {cfg.bn_momentum}")
     if cfg.augment_shift is not None and not 0 <= cfg.augment_shift <= 4:
         raise ConfigError(f"--augment-shift must be 0 to 4 pixels, got {cfg.augment_shift}")
-    if cfg.seed < 0:
-        raise ConfigError(f"--seed must be >= 0, got {cfg.seed}")
+    if not 0 <= cfg.seed < SEED_LIMIT:
+        raise ConfigError(f"--seed must be in [0, 2**32), got {cfg.seed}")
     if cfg.compile_cache is not None and not cfg.compile_cache.strip():
         raise ConfigError("--compile-cache needs a folder, or 'off' for no cache")
     _validate_parallel(cfg)
@@ -205,6 +224,32 @@ def _validate_parallel(cfg: Config) -> None:
             f"{cfg.num_processes}; every process contributes the same number of devices")
 
 
+def check_typed_options(explicit: dict[str, Any], cfg: Config) -> None:
+    """Refuse options typed on the command line that ``cfg`` would ignore.
+
+    Only typed options: a Config built in code may carry any value, e.g. a
+    virtual batch size for every norm.
+    """
+    ignored_unless = (
+        (("activation", "mlp_depth", "mlp_width"), cfg.model == "mlp",
+         f"to --model mlp, and this run uses --model {cfg.model}"),
+        (("virtual_batch_size",), cfg.norm == "ghost",
+         f"to --norm ghost, and this run uses --norm {cfg.norm}"),
+        (("bn_momentum",), cfg.norm in BATCH_STAT_NORMS,
+         f"to --norm {', '.join(BATCH_STAT_NORMS[:-1])} or {BATCH_STAT_NORMS[-1]}, and this "
+         f"run uses --norm {cfg.norm}"),
+        (("base_url",), cfg.download, "with --download, which this run does not use"),
+        (("data_dir",), cfg.dataset in DEFAULT_BASE_URL,
+         f"to --dataset {' and '.join(DEFAULT_BASE_URL)}, and this run uses --dataset "
+         f"{cfg.dataset}"),
+    )
+    for names, applies, why in ignored_unless:
+        for name in names:
+            if name in explicit and not applies:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} only applies {why}; drop {flag}")
+
+
 RUN_MARKERS = ("metrics.jsonl", "summary.json", "checkpoints", "config.json")
 
 
@@ -247,6 +292,11 @@ def _float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
+def _per_dataset(key: str) -> str:
+    """'8 on digits, 2 on mnist, ...': a dataset-dependent default for --help."""
+    return ", ".join(f"{DATASET_DEFAULTS[d][key]:g} on {d}" for d in DATASETS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # SUPPRESS as default: the namespace then holds only what was typed, which
     # lets --resume take the rest from the checkpointed config.
@@ -260,10 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder holding mnist/ and fashion-mnist/ (default: $JAXBN_DATA)")
     p.add_argument("--model", choices=MODELS, help="default: cnn")
     p.add_argument("--norm", choices=NORMS, help="normalization in every layer (default: batch)")
-    p.add_argument("--epochs", type=_int, metavar="N")
-    p.add_argument("--batch-size", type=_int, metavar="B")
-    p.add_argument("--lr", type=_float, metavar="LR", help="peak learning rate")
-    p.add_argument("--seed", type=_int, metavar="S", help="default: 0")
+    p.add_argument("--epochs", type=_int, metavar="N", help=f"default: {_per_dataset('epochs')}")
+    p.add_argument("--batch-size", type=_int, metavar="B",
+                   help=f"default: {_per_dataset('batch_size')}")
+    p.add_argument("--lr", type=_float, metavar="LR",
+                   help=f"peak learning rate (default: {_per_dataset('lr')})")
+    p.add_argument("--seed", type=_int, metavar="S", help="0 to 2**32 - 1 (default: 0)")
     p.add_argument("--out", metavar="DIR",
                    help="output folder (default: runs/<dataset>-<model>-<norm>-seed<S>)")
     p.add_argument("--resume", action="store_true",
@@ -286,7 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning-rate schedule (default: cosine, with linear warmup)")
     p.add_argument("--download", action="store_true",
                    help="fetch missing or corrupt dataset files into --data-dir")
-    p.add_argument("--base-url", metavar="URL", help="where --download fetches from")
+    p.add_argument("--base-url", metavar="URL",
+                   help="where --download fetches from (default: " + ", ".join(
+                       f"{url} for {name}" for name, url in DEFAULT_BASE_URL.items()) + ")")
     p.add_argument("--max-bad-steps", type=_int, metavar="K",
                    help="stop after K consecutive non-finite steps (default: 10)")
     p.add_argument("--mlp-depth", type=_int, metavar="D", help="hidden layers (default: 3)")
@@ -295,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-train", type=_int, metavar="N",
                    help="train on the first N training examples only")
     p.add_argument("--augment-shift", type=_int, metavar="P",
-                   help="shift training images by up to P pixels at random "
-                        "(default: 2 on mnist, 0 otherwise)")
+                   help="shift training images by up to P pixels (0 to 4) at random "
+                        f"(default: {_per_dataset('augment_shift')})")
     p.add_argument("--bn-momentum", type=_float, metavar="M",
                    help="running-statistics momentum, flax convention (default: 0.9)")
     p.add_argument("--virtual-batch-size", type=_int, metavar="V",
@@ -316,4 +370,7 @@ def explicit_args(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
     """argv -> resolved Config (dataset defaults filled in, values checked)."""
-    return resolve(Config(**explicit_args(argv)))
+    explicit = explicit_args(argv)
+    cfg = resolve(Config(**explicit))
+    check_typed_options(explicit, cfg)
+    return cfg

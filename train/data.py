@@ -22,6 +22,8 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from train.config import DEFAULT_BASE_URL
+
 NUM_CLASSES = 10
 
 IDX_FILES = {
@@ -51,11 +53,6 @@ MD5 = {
 # Expected IDX shapes: labels (N,), images (N, 28, 28).
 EXPECTED_COUNT = {"train": 60000, "test": 10000}
 IMAGE_SIDE = 28
-
-DEFAULT_BASE_URL = {
-    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
-    "fashion-mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-}
 
 LABELS_MAGIC = 2049  # 0x00000801: unsigned byte, 1 dimension
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned byte, 3 dimensions
