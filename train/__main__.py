@@ -7,7 +7,8 @@ import sys
 import time
 
 from train.allocator import tune_malloc
-from train.config import Config, ConfigError, check_out_dir, explicit_args, resolve
+from train.config import (Config, ConfigError, check_out_dir, check_typed_options, explicit_args,
+                          resolve)
 from train.signals import Interrupted, StopFlag, catch_signals
 
 STARTED = time.perf_counter()  # before jax is imported: the cold start counts from here
@@ -38,13 +39,17 @@ def _main(argv, stop: StopFlag) -> int:
     try:
         explicit = explicit_args(argv)
         cfg = resolve(Config(**explicit))  # cheap checks before importing jax
+        if not cfg.resume:  # a resume checks them against the checkpointed settings
+            check_typed_options(explicit, cfg)
         if cfg.process_id == 0:  # the only process that writes --out
             check_out_dir(cfg.out, cfg.resume)
     except ConfigError as e:
         return _fail(str(e), 2)
     from train.data import DataError, check_present
     try:
-        check_present(cfg.dataset, cfg.data_dir, cfg.download)
+        # A resumed run's dataset is the checkpointed one; loading it checks its files.
+        if not cfg.resume:
+            check_present(cfg.dataset, cfg.data_dir, cfg.download)
     except DataError as e:
         return _fail(str(e), 1)
     try:
@@ -54,8 +59,8 @@ def _main(argv, stop: StopFlag) -> int:
         if stop and cfg.num_processes == 1:
             return _interrupted(stop.signum)
         try:
-            cfg = loop.resume_config(explicit) if explicit.get("resume") else resolve(
-                Config(**explicit))
+            if cfg.resume:
+                cfg = loop.resume_config(explicit)
             steps.use_compile_cache(cfg.compile_cache)
             code, _ = loop.run(cfg, started=STARTED, stop=stop)
             return code

@@ -32,8 +32,8 @@ from jax.experimental import multihost_utils
 
 from train import checkpoint, data, models, plots, steps
 from train.signals import Interrupted, StopFlag, catch_signals
-from train.config import (Config, ConfigError, LAUNCH_FIELDS, TRAINING_FIELDS, check_out_dir,
-                          resolve)
+from train.config import (Config, ConfigError, LAUNCH_FIELDS, MAX_STEPS, RUN_MARKERS,
+                          TRAINING_FIELDS, check_out_dir, check_typed_options, resolve)
 
 EXIT_INTERRUPTED = 130
 EVAL_BATCH = 1000
@@ -104,7 +104,8 @@ def resume_config(explicit: dict[str, Any]) -> Config:
     """Config for ``--resume``: the checkpointed run's settings, with overrides.
 
     Options given on the command line must agree with the checkpoint for
-    every setting that changes the computation; paths may differ.
+    every setting that changes the computation; paths may differ. Options
+    that the resulting settings would ignore are refused.
     """
     probe = resolve(Config(**explicit))
     found = checkpoint.latest_meta(Path(probe.out) / "checkpoints")
@@ -113,6 +114,7 @@ def resume_config(explicit: dict[str, Any]) -> Config:
     else:
         saved = _read_run_config(Path(probe.out) / RUN_CONFIG)
         if saved is None:
+            check_typed_options(explicit, probe)
             return probe
     for key, value in explicit.items():
         if key in TRAINING_FIELDS and key in saved and saved[key] != value:
@@ -124,7 +126,24 @@ def resume_config(explicit: dict[str, Any]) -> Config:
               if k in known and k not in ("out", "resume") + LAUNCH_FIELDS}
     merged.update(explicit)
     merged.setdefault("out", probe.out)
-    return resolve(Config(**merged))
+    cfg = resolve(Config(**merged))
+    check_typed_options(explicit, cfg)
+    return cfg
+
+
+def finished_summary(out: Path) -> dict | None:
+    """The summary of the finished run in ``out``, or None if it has not finished.
+
+    summary.json is written (atomically) after the last checkpoint, so its
+    presence means the run is complete.
+    """
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(summary, dict) and isinstance(summary.get("test_accuracy"), float):
+        return summary
+    return None
 
 
 def _read_run_config(path: Path) -> dict | None:
@@ -322,6 +341,23 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
     started = time.perf_counter() if started is None else started
     stdout = stdout or sys.stdout
     out = Path(cfg.out)
+    primary = cfg.process_id == 0
+
+    def say(message: str) -> None:
+        print(message, file=stdout, flush=True)
+
+    if cfg.resume:
+        summary = finished_summary(out)
+        if summary is not None:
+            if primary:
+                if not all((out / name).exists() for name in PLOTS):  # killed while drawing
+                    _draw_plots(cfg, out, say)
+                say(f"the run in {out} is already complete (test accuracy "
+                    f"{100 * summary['test_accuracy']:.2f}%); nothing to resume")
+            return 0, summary
+        if primary and not any((out / m).exists() for m in RUN_MARKERS):
+            # Launch scripts of preemptible jobs pass --resume from the first start.
+            say(f"nothing to resume in {out}: starting a new run")
     join_processes(cfg)
     opts = norm_options(cfg)
     try:
@@ -334,13 +370,12 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
                 f"are (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count="
                 f"{cfg.devices}) or start a new --out") from None
         raise ConfigError(str(e)) from None
-    primary = cfg.process_id == 0
     if primary:
         check_out_dir(cfg.out, cfg.resume)
 
     dataset = load_data(cfg.dataset, cfg.data_dir, download_missing=cfg.download,
                         base_url=cfg.base_url, limit_train=cfg.limit_train,
-                        log=lambda m: print(m, file=stdout, flush=True))
+                        log=say)
     n_train = len(dataset.x_train)
     spe = data.steps_per_epoch(n_train, cfg.batch_size)
     if spe == 0:
@@ -348,6 +383,10 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
             f"--batch-size {cfg.batch_size} is larger than the {n_train} training examples; "
             f"lower --batch-size")
     total_steps = spe * cfg.epochs
+    if total_steps > MAX_STEPS:
+        raise ConfigError(
+            f"--epochs {cfg.epochs} of {spe} steps each make {total_steps} steps, more than "
+            f"the {MAX_STEPS} a 32-bit step counter holds; lower --epochs")
     eval_bs = _round_up(min(EVAL_BATCH, len(dataset.x_test)), cfg.devices)
 
     signum = agreed_stop(stop, cfg.num_processes)
@@ -559,7 +598,9 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
         metrics_file.close()
 
     train_seconds = book.train_seconds + time.perf_counter() - segment_start
-    ips = book.steady_images / book.steady_time if book.steady_time > 0 else 0.0
+    # Throughput without compilation: steps after each start's first. A run
+    # of one step per start has none to measure.
+    ips = book.steady_images / book.steady_time if book.steady_time > 0 else None
     summary = {
         "test_accuracy": book.last_epoch["test_accuracy"],
         "test_loss": book.last_epoch["test_loss"],
@@ -591,17 +632,26 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
               file=stdout, flush=True)
         return 0, summary
     write_json_atomic(out / "summary.json", summary)
-    try:
-        plots.plot_run(plots.read_metrics(metrics_path), out,
-                       title=f"{cfg.dataset} {cfg.model} norm={cfg.norm} seed={cfg.seed}")
-    except Exception as e:  # plots are a convenience; never lose a finished run over them
-        progress.message(f"warning: could not draw plots: {e}")
+    _draw_plots(cfg, out, progress.message)
     progress.message(f"wrote summary.json, metrics.jsonl, loss.png, accuracy.png and "
                      f"checkpoints/ in {out}")
+    speed = ("no images/s: they are measured after the first step, the only one" if ips is None
+             else f"{ips:.0f} images/s after the first step")
     progress.message(
         f"test accuracy {100 * summary['test_accuracy']:.2f}% (test loss "
-        f"{summary['test_loss']:.4f}) in {train_seconds:.1f} s, {ips:.0f} images/s")
+        f"{summary['test_loss']:.4f}) in {train_seconds:.1f} s, {speed}")
     return 0, summary
+
+
+PLOTS = ("loss.png", "accuracy.png")
+
+
+def _draw_plots(cfg: Config, out: Path, warn: Callable[[str], None]) -> None:
+    try:
+        plots.plot_run(plots.read_metrics(out / "metrics.jsonl"), out,
+                       title=f"{cfg.dataset} {cfg.model} norm={cfg.norm} seed={cfg.seed}")
+    except Exception as e:  # plots are a convenience; never lose a finished run over them
+        warn(f"warning: could not draw plots: {e}")
 
 
 def _interrupted(cfg, flag, save_checkpoint, progress, gstep) -> tuple[int, None]:

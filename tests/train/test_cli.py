@@ -31,6 +31,9 @@ def assert_one_line_error(proc, *fragments):
     (["--epochs", "0"], ["--epochs must be at least 1"]),
     (["--lr", "fast"], ["--lr", "expected a number"]),
     (["--compile-cache", ""], ["--compile-cache needs a folder, or 'off'"]),
+    (["--seed", "4294967296"], ["--seed must be in [0, 2**32)"]),
+    (["--lr", "inf"], ["--lr must be a finite number"]),
+    (["--activation", "relu"], ["--activation only applies to --model mlp", "drop --activation"]),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, fragments):
     proc = run_cli(*args)
@@ -85,6 +88,16 @@ def test_existing_run_is_refused(tmp_path):
     (out / "checkpoints").mkdir(parents=True)
     proc = run_cli("--out", out)
     assert_one_line_error(proc, "already holds a run", "--resume")
+
+
+def test_resume_names_a_dataset_mismatch_before_the_missing_files(tmp_path):
+    from train.config import Config, resolve
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(resolve(Config(out=str(out))).to_dict()))
+    proc = run_cli("--out", out, "--resume", "--dataset", "mnist", env=cli_env(JAXBN_DATA=""))
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "--dataset mnist differs from the run")
 
 
 def test_too_many_devices(tmp_path):

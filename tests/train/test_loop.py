@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from train import checkpoint, data, loop
-from train.config import Config, ConfigError, resolve
+from train.config import MAX_STEPS, Config, ConfigError, resolve
 
 TIMING_KEYS = loop.TIMING_FIELDS
 
@@ -206,9 +206,92 @@ def test_interrupt_on_a_terminal_clears_the_bar_first(tmp_path):
 def test_resuming_a_finished_run_changes_nothing(tmp_path):
     out = tmp_path / "run"
     _, first, _ = run(tiny(out))
-    before = (out / "metrics.jsonl").read_bytes()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     code, again, text = run(tiny(out, resume=True))
-    assert code == 0 and "resuming from" in text
-    assert (out / "metrics.jsonl").read_bytes() == before
+    assert code == 0
+    assert text == (f"the run in {out} is already complete (test accuracy "
+                    f"{100 * first['test_accuracy']:.2f}%); nothing to resume\n")
+    assert {p: p.read_bytes() for p in before} == before
+    assert again == json.loads((out / "summary.json").read_text())
     assert again["test_loss"] == first["test_loss"]
-    assert again["test_accuracy"] == first["test_accuracy"]
+
+
+def test_resuming_a_finished_run_draws_missing_plots(tmp_path):
+    # A kill after summary.json was written can leave the plots undrawn.
+    out = tmp_path / "run"
+    run(tiny(out))
+    (out / "loss.png").unlink()
+    summary = (out / "summary.json").read_bytes()
+    code, _, text = run(tiny(out, resume=True))
+    assert code == 0 and "already complete" in text
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "summary.json").read_bytes() == summary
+
+
+def test_resume_with_nothing_to_resume_says_it_starts_a_new_run(tmp_path):
+    out = tmp_path / "run"
+    code, _, text = run(tiny(out, resume=True))
+    assert code == 0
+    assert text.splitlines()[0] == f"nothing to resume in {out}: starting a new run"
+
+
+def test_resume_with_a_killed_first_start_does_not_claim_nothing_to_resume(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / loop.RUN_CONFIG).write_text(json.dumps(tiny(out).to_dict()))
+    _, _, text = run(tiny(out, resume=True))
+    assert "nothing to resume" not in text
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_a_run_of_one_step_reports_no_speed(tmp_path, schedule):
+    out = tmp_path / "run"
+    code, summary, text = run(tiny(out, limit_train=32, schedule=schedule))
+    assert code == 0 and summary["steps"] == 1
+    # The only step includes compilation: there is no step to measure speed on.
+    assert summary["images_per_second"] is None
+    assert json.loads((out / "summary.json").read_text())["images_per_second"] is None
+    assert text.splitlines()[-1].endswith(
+        "no images/s: they are measured after the first step, the only one")
+
+
+def test_final_line_says_what_its_speed_measures(tmp_path):
+    _, summary, text = run(tiny(tmp_path / "run"))
+    assert text.splitlines()[-1].endswith(
+        f"{summary['images_per_second']:.0f} images/s after the first step")
+
+
+def test_more_steps_than_the_step_counter_holds_are_refused_before_out_exists(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="more than the 2147483647 a 32-bit step counter"):
+        run(tiny(out, epochs=MAX_STEPS))
+    assert not out.exists()
+
+
+def _run_config_only(out, **kw):
+    """--out of a run killed before its first checkpoint: config.json alone."""
+    out.mkdir()
+    (out / loop.RUN_CONFIG).write_text(json.dumps(tiny(out, **kw).to_dict()))
+
+
+def test_resume_refuses_typed_options_the_checkpointed_run_ignores(tmp_path):
+    out = tmp_path / "run"
+    _run_config_only(out, norm="layer", model="cnn")
+    with pytest.raises(ConfigError, match="--bn-momentum only applies to .* --norm layer"):
+        loop.resume_config({"out": str(out), "resume": True, "bn_momentum": 0.9})
+    with pytest.raises(ConfigError, match="--activation only applies to --model mlp"):
+        loop.resume_config({"out": str(out), "resume": True, "activation": "sigmoid"})
+
+
+def test_resume_accepts_typed_options_that_apply_to_the_checkpointed_run(tmp_path):
+    # The command line alone (norm batch) would refuse --virtual-batch-size.
+    out = tmp_path / "run"
+    _run_config_only(out, norm="ghost")
+    cfg = loop.resume_config({"out": str(out), "resume": True, "virtual_batch_size": 16})
+    assert cfg.norm == "ghost"
+
+
+def test_resume_with_nothing_to_resume_checks_typed_options(tmp_path):
+    with pytest.raises(ConfigError, match="--virtual-batch-size only applies to --norm ghost"):
+        loop.resume_config({"out": str(tmp_path / "new"), "resume": True,
+                            "virtual_batch_size": 8})
