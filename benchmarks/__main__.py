@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 SECTIONS = ("bn", "pool", "torch", "cnn", "alloc", "threads", "scaling")
@@ -42,7 +43,23 @@ def parse(argv):
     if unknown:
         p.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     args.only = only
+    if args.write_results:
+        problem = _unwritable(Path(args.write_results))
+        if problem:
+            # Checked before the run: a full one takes about 20 minutes.
+            p.error(f"--write-results {args.write_results}: {problem}; choose another folder")
     return args
+
+
+def _unwritable(directory: Path) -> str | None:
+    """Why results could not be written to ``directory`` (None if they can)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 def main(argv=None) -> int:

@@ -70,6 +70,15 @@ def test_bad_options_fail_fast():
     assert "unknown section(s) nope" in proc.stderr
 
 
+def test_unwritable_results_folder_fails_before_timing(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = _run("--write-results", str(blocker / "results"), timeout=60)
+    assert proc.returncode == 2
+    assert "--write-results" in proc.stderr and "choose another folder" in proc.stderr
+    assert "backend" not in proc.stdout  # nothing was timed
+
+
 def test_gpu_flag_without_gpu_names_the_fix():
     proc = _run("--gpu", "--quick", "--only", "bn", timeout=300)
     if proc.returncode == 0:
