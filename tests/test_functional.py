@@ -147,6 +147,19 @@ def test_plain_python_count_and_numpy_float64_input():
   np.testing.assert_allclose(new.mean, x.mean(0), rtol=1e-6)
 
 
+def test_bfloat16_training_output_rounds_once():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(3.0 + 2.0 * rng.standard_normal((256, 16)), jnp.bfloat16)
+  scale = jnp.asarray(rng.uniform(0.5, 1.5, 16), jnp.float32)
+  bias = jnp.asarray(rng.standard_normal(16), jnp.float32)
+  y, _ = jaxbn.batch_norm(x, jaxbn.init_state(16), scale, bias, training=True)
+  xs = np.asarray(x.astype(jnp.float32), np.float64)
+  mean, var, _ = np_moments(xs, (1,))
+  ref = np_normalize(xs, mean, var, np.asarray(scale), np.asarray(bias), (1,), 1e-5)
+  # Statistics and affine in float32, one rounding: 0.5 ulp plus float32's ~1e-3 ulp.
+  assert bfloat16_ulps(y, ref).max() <= 0.505
+
+
 def test_normalize_with_bfloat16_statistics_rounds_once():
   # Flax NNX hands bfloat16 statistics and parameters to the normalization
   # when dtype=bfloat16; the arithmetic still runs in float32.
@@ -420,18 +433,21 @@ def test_training_backward_writes_no_full_size_buffer_but_dx(dtype):
   assert len(buffers) == 1, buffers
 
 
-def test_ghost_batch_norm_normalizes_each_chunk():
+@pytest.mark.parametrize('running_var', ['biased', 'unbiased'])
+def test_ghost_batch_norm_normalizes_each_chunk(running_var):
   x = _data((12, 5))
   state = jaxbn.init_state(5)
   y, new = jaxbn.batch_norm(x, state, training=True, virtual_batch_size=4,
-                            momentum=0.0)
+                            momentum=0.0, running_var=running_var)
   chunks = x.reshape(3, 4, 5)
   for i in range(3):
     m, v, _ = np_moments(chunks[i], (1,))
     np.testing.assert_allclose(y[4 * i:4 * i + 4], np_normalize(chunks[i], m, v, None, None, (1,), 1e-5), **F32_TOL)
   stats = [np_moments(c, (1,)) for c in chunks]
+  # The running variance averages each chunk's (unbiased: times 4/3) variance.
+  correction = 4 / 3 if running_var == 'unbiased' else 1.0
   np.testing.assert_allclose(new.mean, np.mean([s[0] for s in stats], 0), **F32_TOL)
-  np.testing.assert_allclose(new.var, np.mean([s[1] for s in stats], 0), **F32_TOL)
+  np.testing.assert_allclose(new.var, correction * np.mean([s[1] for s in stats], 0), **F32_TOL)
   # One chunk is plain batch norm.
   y_full, s_full = jaxbn.batch_norm(x, state, training=True, virtual_batch_size=12)
   y_bn, s_bn = jaxbn.batch_norm(x, state, training=True)

@@ -400,6 +400,7 @@ def test_virtual_batch_size_delegates_to_ghost_batch_norm():
                                   virtual_batch_size=4)
   np.testing.assert_allclose(y, y_ref, **EVAL_TOL)
   np.testing.assert_allclose(new_vars['batch_stats']['mean'], state.mean, **EVAL_TOL)
+  np.testing.assert_allclose(new_vars['batch_stats']['var'], state.var, **EVAL_TOL)
 
 
 # --- errors -----------------------------------------------------------------

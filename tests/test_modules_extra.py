@@ -135,6 +135,8 @@ def test_nnx_schedule_keeps_a_step_count_and_advances_under_jit():
   assert int(layer.count[...]) == 4
   # At step 0 the schedule is batch norm; by step 3 the corrections bite.
   assert float(r_sched(0)) == 1.0 and float(d_sched(0)) == 0.0
+  plain, _ = jaxbn.batch_norm(x, state, training=True)  # y: the output at step 3
+  assert np.abs(np.asarray(y) - np.asarray(plain)).max() > 0.1
 
 
 def test_linen_schedule_keeps_a_step_count_and_advances_under_jit():
@@ -169,13 +171,15 @@ def test_momentum_none_and_unbiased_running_var():
   assert int(layer.count[...]) == 1
 
 
-def test_renorm_dtypes_follow_flax():
+@pytest.mark.parametrize('dtype', [None, jnp.bfloat16])
+def test_renorm_dtypes_follow_flax(dtype):
+  # The dtypes of Flax's BatchNorm: bfloat16 x is promoted with the float32
+  # params unless dtype says otherwise; statistics stay float32.
   x = _data((8, 3)).astype(jnp.bfloat16)
-  layer = jaxbn.nnx.BatchRenorm(3, rngs=nnx.Rngs(0))
-  assert layer(x).dtype == jnp.float32  # promoted with the float32 params
-  assert layer.mean[...].dtype == jnp.float32
-  layer = jaxbn.nnx.BatchRenorm(3, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-  assert layer(x).dtype == jnp.bfloat16
+  ours = jaxbn.nnx.BatchRenorm(3, dtype=dtype, rngs=nnx.Rngs(0))
+  flax_bn = nnx.BatchNorm(3, dtype=dtype, use_running_average=False, rngs=nnx.Rngs(0))
+  assert ours(x).dtype == flax_bn(x).dtype
+  assert ours.mean[...].dtype == flax_bn.mean[...].dtype == jnp.float32
 
 
 def test_renorm_forwards_axis_index_groups(monkeypatch):

@@ -530,6 +530,7 @@ def test_virtual_batch_size_delegates_to_ghost_batch_norm():
       momentum=0.9, virtual_batch_size=4)
   np.testing.assert_allclose(y, y_ref, **EVAL_TOL)
   np.testing.assert_allclose(bn.mean[...], state.mean, **EVAL_TOL)
+  np.testing.assert_allclose(bn.var[...], state.var, **EVAL_TOL)
   # Each chunk is normalized on its own.
   np.testing.assert_allclose(np.asarray(y).reshape(3, 4, 4).mean(1), 0.0, atol=1e-5)
 

@@ -66,6 +66,7 @@ def test_sigterm_mid_run_saves_a_checkpoint(tmp_path):
 
 def test_sigint_during_start_up_exits_130_with_one_line(tmp_path):
     rng = random.Random(7)
+    during_start_up = 0
     for i in range(3):
         with running(train_cmd(*TINY_ARGS, "--out", tmp_path / f"run{i}")) as proc:
             try:
@@ -78,3 +79,7 @@ def test_sigint_during_start_up_exits_130_with_one_line(tmp_path):
         assert (proc.returncode, stderr) == (130, "python -m train: error: interrupted; "
                                              "--resume continues from the last complete "
                                              "checkpoint, if there is one\n")
+        during_start_up += 1
+    # Start-up takes seconds (imports, data, compilation): at least one of the
+    # signals, sent 0.5 to 3 s in, must have landed there.
+    assert during_start_up

@@ -70,7 +70,27 @@ def test_every_model_and_norm_trains_one_epoch(tmp_path, model, norm):
 def test_library_only_norms_train(tmp_path, norm):
     code, summary, _ = run(tiny(tmp_path / "r", norm=norm, virtual_batch_size=8))
     assert code == 0 and np.isfinite(summary["test_loss"])
-    assert summary["norm_impl"].startswith("jaxbn.")
+    assert summary["norm_impl"] == {"ghost": "jaxbn.nnx.BatchNorm",
+                                    "renorm": "jaxbn.nnx.BatchRenorm"}[norm]
+
+
+@pytest.fixture(scope="module")
+def default_digest(tmp_path_factory):
+    code, summary, _ = run(tiny(tmp_path_factory.mktemp("default") / "r"))
+    assert code == 0
+    return summary["state_sha256"]
+
+
+@pytest.mark.parametrize("option", [
+    {"bn_momentum": 0.5}, {"optimizer": "sgd"}, {"schedule": "constant"},
+    {"weight_decay": 0.1}, {"augment_shift": 2}, {"mlp_depth": 2}, {"mlp_width": 50},
+    {"activation": "relu"}, {"seed": 1}], ids=lambda o: next(iter(o)))
+def test_every_training_option_reaches_the_run(tmp_path, default_digest, option):
+    # Each option changes the trained state (against the same run with the
+    # default), so the loop passed it on rather than dropping it.
+    code, summary, _ = run(tiny(tmp_path / "r", **option))
+    assert code == 0 and summary["config"][next(iter(option))] == next(iter(option.values()))
+    assert summary["state_sha256"] != default_digest
 
 
 def test_digits_cnn_learns(tmp_path):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jaxbn.nnx
 from train import models, steps
 
 MODELS = ("cnn", "mlp", "resnet")
@@ -76,16 +77,35 @@ def test_eval_graphdef_uses_running_statistics():
     assert not np.allclose(train(x)[:4], train(x[:4]), atol=1e-3)
 
 
+NUMPY_ACTIVATIONS = {"relu": lambda z: np.maximum(z, 0), "tanh": np.tanh,
+                     "sigmoid": lambda z: 1 / (1 + np.exp(-z))}
+
+
 @pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
 def test_mlp_depth_width_activation(activation):
-    model = nnx.eval_shape(lambda: models.MLP((8, 8, 1), norm="none", rngs=nnx.Rngs(0),
-                                              depth=2, width=7, activation=activation))
+    model = models.MLP((8, 8, 1), norm="none", rngs=nnx.Rngs(0), depth=2, width=7,
+                       activation=activation)
     assert len(model.layers) == 2 and model.layers[1].linear.kernel.shape == (7, 7)
+    x = np.random.default_rng(0).normal(size=(5, 8, 8, 1))
+    # float64 reference of linear -> activation, twice, then the head.
+    h = x.reshape(5, -1)
+    for layer in model.layers:
+        h = NUMPY_ACTIVATIONS[activation](h @ np.asarray(layer.linear.kernel[...], np.float64)
+                                          + np.asarray(layer.linear.bias[...], np.float64))
+    ref = h @ np.asarray(model.head.kernel[...], np.float64) + np.asarray(model.head.bias[...])
+    np.testing.assert_allclose(_forward(model, jnp.asarray(x, jnp.float32)), ref,
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["ghost", "renorm"])
 def test_library_only_norms_build_and_run(kind):
-    model = models.build_model("mlp", (8, 8, 1), norm=kind, seed=0)
+    opts = models.NormOptions(momentum=0.8, virtual_batch_size=8)
+    model = models.MLP((8, 8, 1), norm=kind, opts=opts, rngs=nnx.Rngs(0), depth=2, width=16)
+    norms = [layer.norm for layer in model.layers]
+    expected = {"ghost": jaxbn.nnx.BatchNorm, "renorm": jaxbn.nnx.BatchRenorm}[kind]
+    assert all(type(n) is expected and n.momentum == 0.8 for n in norms)
+    if kind == "ghost":
+        assert all(n.virtual_batch_size == 8 for n in norms)
     assert _forward(model, jnp.ones((32, 8, 8, 1))).shape == (32, 10)
 
 
