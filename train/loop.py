@@ -23,6 +23,7 @@ import shlex
 import signal
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -31,7 +32,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from train import checkpoint, data, models, plots, steps
-from train.signals import Interrupted, StopFlag, catch_signals
+from train.signals import Interrupted, StopFlag, catch_signals, reclaim_signals
 from train.config import (Config, ConfigError, LAUNCH_FIELDS, MAX_STEPS, RUN_MARKERS,
                           TRAINING_FIELDS, check_out_dir, check_typed_options, resolve)
 
@@ -359,16 +360,18 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
             # Launch scripts of preemptible jobs pass --resume from the first start.
             say(f"nothing to resume in {out}: starting a new run")
     join_processes(cfg)
+    check_same_settings(cfg)
     opts = norm_options(cfg)
     try:
         mesh = steps.make_mesh(cfg.devices)
     except ValueError as e:
         if cfg.resume:
+            per_process = "" if cfg.num_processes == 1 else " in each process"
             raise ConfigError(
                 f"the run in {cfg.out} was checkpointed on --devices {cfg.devices}, but only "
                 f"{jax.device_count()} device(s) are visible; resume it where {cfg.devices} "
                 f"are (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count="
-                f"{cfg.devices}) or start a new --out") from None
+                f"{cfg.devices // cfg.num_processes}{per_process}) or start a new --out") from None
         raise ConfigError(str(e)) from None
     if primary:
         check_out_dir(cfg.out, cfg.resume)
@@ -422,6 +425,41 @@ def join_processes(cfg: Config) -> None:
             f"process {cfg.process_id} could not join the {cfg.num_processes}-process run at "
             f"--coordinator {cfg.coordinator} ({str(e).splitlines()[0]}); start every process "
             f"with the same --coordinator and --num-processes, process 0 on that host") from None
+    reclaim_signals()
+
+
+def check_same_settings(cfg: Config) -> None:
+    """Refuse a multi-process run whose processes were given different settings.
+
+    They would otherwise train diverging "replicated" states, or wait forever
+    in collectives whose shapes differ.
+    """
+    if cfg.num_processes == 1:
+        return
+    values = cfg.training_dict()
+    digests = np.array([zlib.crc32(json.dumps(values[k]).encode()) & 0x7FFFFFFF
+                        for k in TRAINING_FIELDS], np.int32)
+    gathered = np.asarray(multihost_utils.process_allgather(digests))
+    differ = [k for j, k in enumerate(TRAINING_FIELDS) if (gathered[:, j] != gathered[0, j]).any()]
+    if differ:
+        flags = ", ".join("--" + k.replace("_", "-") for k in differ)
+        raise ConfigError(
+            f"the {cfg.num_processes} processes were started with different {flags}; "
+            f"start every process with the same options (only --process-id differs)")
+
+
+def check_same_start(resumed_from: int | None, num_processes: int) -> None:
+    """Every process resumes from the same checkpoint (or none)."""
+    if num_processes == 1:
+        return
+    starts = np.asarray(multihost_utils.process_allgather(
+        np.int32(-1 if resumed_from is None else resumed_from)))
+    if (starts != starts[0]).any():
+        where = ", ".join(f"process {i}: {'the beginning' if s < 0 else f'step {s}'}"
+                          for i, s in enumerate(starts.tolist()))
+        raise ConfigError(
+            f"the processes would start from different points ({where}); every process "
+            f"must read the same --out, a folder they share")
 
 
 def agreed_stop(flag: StopFlag | None, num_processes: int) -> int | None:
@@ -518,6 +556,7 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                 progress.message(f"no complete checkpoint in {ckpt_root}; starting from the beginning")
             if primary:
                 _truncate(metrics_path, 0, progress)
+    check_same_start(resumed_from, cfg.num_processes)
     state = steps.place_state(state, mesh)
 
     flag = stop if stop is not None else StopFlag()

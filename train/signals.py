@@ -51,3 +51,18 @@ def catch_signals(flag: StopFlag):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def reclaim_signals() -> None:
+    """Make Python's handlers for SIGINT/SIGTERM the active ones again.
+
+    ``jax.distributed.initialize`` installs a native SIGTERM handler (for its
+    preemption notices) over Python's, which then never runs although
+    ``signal.getsignal`` still reports it. Installing it again puts it back.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for s in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(s)
+        if handler is not None:
+            signal.signal(s, handler)

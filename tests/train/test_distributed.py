@@ -210,11 +210,13 @@ def _finish(procs, timeout=300):
 
 
 @pytest.mark.slow
-def test_a_signal_to_one_process_stops_all_with_one_checkpoint(tmp_path):
-    # SIGINT to process 1 alone (as a scheduler preempting one host would):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_one_process_stops_all_with_one_checkpoint(tmp_path, signum):
+    # A signal to process 1 alone (as a scheduler preempting one host would):
     # both processes must leave the loop after the same step, process 0
     # saving the checkpoint, instead of process 0 waiting forever in the next
-    # step's collectives. Resuming both then completes the run.
+    # step's collectives. Resuming both then completes the run. SIGTERM too:
+    # jax.distributed's own SIGTERM handler must not swallow it.
     out = tmp_path / "multi"
     args = ["--model", "cnn", "--limit-train", "512", "--batch-size", "16", "--epochs", "6",
             "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2",
@@ -226,10 +228,10 @@ def test_a_signal_to_one_process_stops_all_with_one_checkpoint(tmp_path):
         assert all(p.poll() is None for p in procs), "a process ended before the first epoch"
         assert time.monotonic() < deadline, "no checkpoint after 240 s"
         time.sleep(0.02)
-    procs[1].send_signal(signal.SIGINT)  # after epoch 1 of 6: 160 steps to go
+    procs[1].send_signal(signum)  # after epoch 1 of 6: 160 steps to go
     outputs = _finish(procs, timeout=120)  # seconds: a hang, not a slow run
-    assert [p.returncode for p in procs] == [loop.EXIT_INTERRUPTED] * 2, outputs
-    stopped = re.search(r"SIGINT: stopped after step (\d+)", outputs[0][0] + outputs[0][1])
+    assert [p.returncode for p in procs] == [128 + signum] * 2, outputs
+    stopped = re.search(rf"{signum.name}: stopped after step (\d+)", outputs[0][0] + outputs[0][1])
     assert stopped, outputs[0]
     step = int(stopped.group(1))
     assert step < 6 * 32
@@ -243,6 +245,40 @@ def test_a_signal_to_one_process_stops_all_with_one_checkpoint(tmp_path):
     assert all("error" not in err for _, err in outputs), outputs
     summary = json.loads(summary_path.read_text())
     assert summary["resumed_from_step"] == step and summary["steps"] == 6 * 32
+
+
+@pytest.mark.slow
+def test_processes_with_different_settings_or_starts_are_refused(tmp_path):
+    # Different seeds would train diverging "replicated" states; different
+    # batch sizes would wait forever in mismatched collectives; a process
+    # that cannot see the shared --out would start over while the others
+    # resume. Each is refused on every process, fast.
+    common = ["--model", "mlp", "--limit-train", "128", "--epochs", "1", "--num-processes", "2"]
+
+    def launch(port, per_process):
+        return [subprocess.Popen(
+            [sys.executable, "-m", "train", *map(str, common), "--coordinator",
+             f"127.0.0.1:{port}", "--process-id", str(i), *map(str, per_process(i))],
+            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+
+    def refused(procs, message):
+        outputs = _finish(procs, timeout=120)  # seconds: a hang, not a slow run
+        for p, (_, err) in zip(procs, outputs):
+            assert p.returncode == 2 and message in err, err
+
+    refused(launch(_free_port(), lambda i: ["--out", tmp_path / "mixed", "--seed", i,
+                                            "--batch-size", 32 * (i + 1)]),
+            "started with different --batch-size, --seed")
+
+    out = tmp_path / "run"
+    first = _finish(_processes(common + ["--coordinator", f"127.0.0.1:{_free_port()}",
+                                         "--out", out]))
+    assert all("error" not in err for _, err in first), first
+    (out / "summary.json").unlink()  # as if killed after the last checkpoint
+    refused(launch(_free_port(), lambda i: ["--resume", "--out",
+                                            out if i == 0 else tmp_path / "elsewhere"]),
+            "every process must read the same --out, a folder they share")
 
 
 def test_agreed_stop_keeps_a_signal_that_arrives_while_comparing(monkeypatch):
