@@ -261,7 +261,7 @@ def test_precise_bn_nnx_with_renorm_keeps_the_step_count():
   jaxbn.precise_bn_nnx(layer, batches)
   pooled = np.concatenate([np.asarray(b) for b in batches])
   np.testing.assert_allclose(layer.mean[...], pooled.mean(0), rtol=1e-5)
-  np.testing.assert_allclose(layer.var[...], pooled.var(0), rtol=1e-4)
+  np.testing.assert_allclose(layer.var[...], pooled.var(0), rtol=2e-5)
   assert int(layer.count[...]) == 2
   assert layer.momentum == 0.99 and layer.use_running_average is False
 
@@ -273,7 +273,7 @@ def test_precise_bn_linen_and_labels_with_renorm():
   new = jaxbn.precise_bn_linen(layer, variables, batches)
   pooled = np.concatenate([np.asarray(b) for b in batches])
   np.testing.assert_allclose(new['batch_stats']['mean'], pooled.mean(0), rtol=1e-5)
-  np.testing.assert_allclose(new['batch_stats']['var'], pooled.var(0), rtol=1e-4)
+  np.testing.assert_allclose(new['batch_stats']['var'], pooled.var(0), rtol=2e-5)
 
   net = nn.Sequential([nn.Dense(2), jaxbn.linen.BatchRenorm(use_running_average=True)])
   v = net.init(jax.random.key(0), batches[0])

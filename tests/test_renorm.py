@@ -139,7 +139,7 @@ def test_gradients_hold_r_and_d_constant():
   refs = np_renorm_grads(x, w, run_mean, run_var, scale, r_max=2.0, d_max=1.0,
                          epsilon=1e-5)
   for g, ref in zip(grads, refs):
-    np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(g, ref, **F32_TOL)
 
 
 def test_gradients_differ_from_differentiating_through_r_and_d():

@@ -69,4 +69,4 @@ def test_functional_batch_norm_and_gradients():
   np.testing.assert_allclose(s.mean, rm.numpy(), **TOL)
   np.testing.assert_allclose(s.var, rv.numpy(), **TOL)
   for ours, theirs in zip(grads, (tx.grad, tw.grad, tb.grad)):
-    np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ours, theirs.numpy(), **TOL)
