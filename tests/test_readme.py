@@ -3,8 +3,10 @@
 import re
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 README = Path(__file__).resolve().parents[1] / 'README.md'
 
@@ -26,5 +28,9 @@ def test_readme_examples_run_and_do_what_they_say():
                              rtol=1e-5)
   ns = {}
   exec(flax_swap, ns)
-  out = ns['bn'](jnp.arange(64.0).reshape(4, 16))
-  assert out.shape == (4, 16)
+  # "same arguments, variables, outputs" as Flax's BatchNorm.
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 16)) * 2 + 1, jnp.float32)
+  theirs = nnx.BatchNorm(16, rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(ns["bn"](x), theirs(x), rtol=1e-5, atol=1e-5)  # float32, O(1) values
+  assert (jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(ns['bn']))) ==
+          jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(theirs))))
