@@ -351,7 +351,8 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
         summary = finished_summary(out)
         if summary is not None:
             if primary:
-                if not all((out / name).exists() for name in PLOTS):  # killed while drawing
+                if not all((out / name).exists() for name in plots.FILES.values()):
+                    # killed while drawing them
                     _draw_plots(cfg, out, say)
                 say(f"the run in {out} is already complete (test accuracy "
                     f"{100 * summary['test_accuracy']:.2f}%); nothing to resume")
@@ -680,9 +681,6 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
         f"test accuracy {100 * summary['test_accuracy']:.2f}% (test loss "
         f"{summary['test_loss']:.4f}) in {train_seconds:.1f} s, {speed}")
     return 0, summary
-
-
-PLOTS = ("loss.png", "accuracy.png")
 
 
 def _draw_plots(cfg: Config, out: Path, warn: Callable[[str], None]) -> None:

@@ -35,6 +35,10 @@ def _save(fig, path: Path) -> None:
     tmp.replace(path)
 
 
+# The files plot_run writes, one per metric.
+FILES = {"loss": "loss.png", "accuracy": "accuracy.png"}
+
+
 def plot_run(records: Iterable[dict], out_dir: Path, title: str = "") -> list[Path]:
     """Write ``loss.png`` and ``accuracy.png`` into ``out_dir``; return their paths."""
     # The object-oriented API draws with Agg without touching pyplot's global
@@ -46,8 +50,8 @@ def plot_run(records: Iterable[dict], out_dir: Path, title: str = "") -> list[Pa
     epochs = [r for r in records if r.get("kind") == "epoch"]
     written = []
 
-    for metric, ylabel, fname in (("loss", "cross-entropy loss", "loss.png"),
-                                  ("accuracy", "accuracy", "accuracy.png")):
+    for metric, ylabel in (("loss", "cross-entropy loss"), ("accuracy", "accuracy")):
+        fname = FILES[metric]
         fig = Figure(figsize=(6.4, 4.0))
         ax = fig.add_subplot()
         finite = [r for r in steps if r.get("finite", True)]
