@@ -183,9 +183,15 @@ def precise_bn_nnx(model, batches: Iterable, *, num_batches: int | None = None,
   for index, total in totals.items():
     bn = layers[index]
     var = _running_variance(total, getattr(bn, 'running_var', 'biased'))
-    bn.mean[...] = total.mean.astype(bn.mean[...].dtype)
-    bn.var[...] = var.astype(bn.var[...].dtype)
+    bn.mean[...] = _like(total.mean, bn.mean[...])
+    bn.var[...] = _like(var, bn.var[...])
   return model
+
+
+def _like(value, stored):
+  """``value`` in the layout and dtype of the variable it replaces: an NNX
+  batch norm with a tuple ``axis`` keeps flat ``(num_features,)`` statistics."""
+  return jnp.reshape(value, stored.shape).astype(stored.dtype)
 
 
 def _recording(cls, index, captured):

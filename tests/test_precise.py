@@ -208,6 +208,22 @@ def test_jaxbn_nnx_batch_norm(momentum):
     assert int(model.layers[1].count[...]) == 1
 
 
+def test_nnx_several_feature_axes_keep_the_flat_statistics():
+  # jaxbn.nnx.BatchNorm stores (num_features,) statistics also for a tuple
+  # `axis`; the pooled ones must be written back in that layout, unchanged
+  # in value (element (i, j) of the (4, 5) features is entry 5 * i + j).
+  import jaxbn.nnx as jnnx
+  layer = jnnx.BatchNorm(20, axis=(1, 2), rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(18)
+  xs = [(3.0 + 2.0 * rng.standard_normal((8, 4, 5))).astype(np.float32) for _ in range(3)]
+  precise_bn_nnx(layer, xs)
+  mean, var = np_pooled(xs)
+  assert layer.mean[...].shape == layer.var[...].shape == (20,)
+  np.testing.assert_allclose(layer.mean[...], mean.reshape(20), **F32_TOL)
+  np.testing.assert_allclose(layer.var[...], var.reshape(20), **F32_TOL)
+  layer(xs[0])  # the layer still trains with its statistics
+
+
 def test_nnx_counts_every_sample_and_skips_masked_ones():
   import jaxbn.nnx as jnnx
   layer = jnnx.BatchNorm(3, rngs=nnx.Rngs(0))
