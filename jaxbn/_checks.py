@@ -73,7 +73,8 @@ def training_flag(training) -> bool:
 def momentum(value) -> None:
   if value is None or isinstance(value, jax.core.Tracer):
     return
-  if not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+  v = _real_scalar(value, 'momentum')
+  if v is None or not 0.0 <= v <= 1.0:
     raise ValueError(
         f'momentum must be in [0, 1] (new = momentum * old + (1 - momentum) '
         f'* batch) or None for a cumulative average, got {value!r}. '
@@ -83,8 +84,24 @@ def momentum(value) -> None:
 def epsilon(value) -> None:
   if isinstance(value, jax.core.Tracer):
     return
-  if not isinstance(value, numbers.Real) or not float(value) >= 0.0:
+  v = _real_scalar(value, 'epsilon')
+  if v is None or not v >= 0.0:
     raise ValueError(f'epsilon must be a number >= 0, got {value!r}.')
+
+
+def _real_scalar(value, name: str) -> float | None:
+  """``value`` as a float: a real number or a concrete 0-d real array (what
+  a traced option is outside ``jit``); None for anything else."""
+  if isinstance(value, numbers.Real):
+    return float(value)
+  if isinstance(value, (np.ndarray, jax.Array)) and (
+      jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)):
+    if value.ndim != 0:
+      raise ValueError(
+          f'{name} must be a scalar, got an array of shape {value.shape}; pass '
+          'one value for every feature.')
+    return float(value)
+  return None
 
 
 def running_var(value) -> None:

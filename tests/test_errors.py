@@ -66,3 +66,26 @@ def test_batch_of_one_is_fine_in_eval_and_with_spatial_dims():
   xs = x.astype(np.float64)
   ref = (xs - xs.mean((0, 1, 2))) / np.sqrt(xs.var((0, 1, 2)) + 1e-5)
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)  # float32 sums of 16 O(1) values
+
+
+@pytest.mark.parametrize('wrap', [jnp.float32, np.float32, np.asarray])
+def test_scalar_array_options_mean_what_their_values_mean(wrap):
+  # Under jit a traced momentum/epsilon is accepted, so the same value as a
+  # concrete scalar array must be too, and give the same result bit for bit
+  # (the float32 values of 0.9 and 1e-3 are what the arithmetic uses anyway).
+  x = np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32)
+  kwargs = dict(momentum=np.float32(0.9), epsilon=np.float32(1e-3))
+  want_y, want_state = bn(x, **kwargs)
+  got_y, got_state = bn(x, **{k: wrap(v) for k, v in kwargs.items()})
+  jitted_y, _ = jax.jit(lambda x, m, e: bn(x, momentum=m, epsilon=e))(
+      x, *(wrap(v) for v in kwargs.values()))
+  np.testing.assert_array_equal(got_y, want_y)
+  np.testing.assert_array_equal(jitted_y, want_y)
+  np.testing.assert_array_equal(got_state.mean, want_state.mean)
+  np.testing.assert_array_equal(got_state.var, want_state.var)
+  with pytest.raises(ValueError, match=r'momentum=0.9 here'):
+    bn(momentum=wrap(1.5))
+  with pytest.raises(ValueError, match='epsilon must be'):
+    bn(epsilon=wrap(-1.0))
+  with pytest.raises(ValueError, match='scalar'):
+    bn(momentum=jnp.full(3, 0.9))
