@@ -191,7 +191,12 @@ def _missing_stats_message(sd, prefix) -> str:
 
 def _numpy(v) -> np.ndarray:
   if hasattr(v, 'detach'):  # torch.Tensor, without importing torch
-    v = v.detach().cpu().numpy()
+    v = v.detach().cpu()
+    if str(v.dtype) == 'torch.bfloat16':
+      # Tensor.numpy() refuses bfloat16 (NumPy has none of its own); every
+      # bfloat16 is a float32, so go through float32 to JAX's bfloat16, exactly.
+      return v.float().numpy().astype(jnp.bfloat16)
+    v = v.numpy()
   return np.asarray(v)
 
 

@@ -127,6 +127,21 @@ def test_half_precision_torch_layer_gives_float32_statistics():
   assert state.mean.dtype == jnp.float32 and scale.dtype == jnp.float16
 
 
+def test_bfloat16_torch_layer_reads_exactly():
+  # NumPy has no bfloat16 of its own, so tensor.numpy() refuses one; every
+  # bfloat16 value is a float32, so the conversion must be exact.
+  bn, shape = _torch_bn('2d')
+  for x in _batches(shape, 2):
+    bn(x)
+  bn = bn.to(torch.bfloat16)
+  state, scale, bias = from_torch(bn)
+  assert state.mean.dtype == jnp.float32 and scale.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(state.mean, bn.running_mean.float().numpy())
+  np.testing.assert_array_equal(state.var, bn.running_var.float().numpy())
+  np.testing.assert_array_equal(np.asarray(scale, np.float32), bn.weight.detach().float().numpy())
+  np.testing.assert_array_equal(np.asarray(bias, np.float32), bn.bias.detach().float().numpy())
+
+
 def test_to_torch_errors():
   with pytest.raises(ValueError, match='one feature axis'):
     to_torch(jaxbn.init_state((2, 3)))
