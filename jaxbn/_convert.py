@@ -78,7 +78,8 @@ def to_torch(state, scale=None, bias=None, *, prefix: str = '') -> dict:
   Keys are ``weight`` and ``bias`` (only when given: ``affine=False``
   layers have none), ``running_mean``, ``running_var`` and
   ``num_batches_tracked``, each behind ``prefix``. PyTorch's
-  ``load_state_dict`` wants tensors, so convert on loading.
+  ``load_state_dict`` wants tensors, so convert on loading. bfloat16 arrays
+  come out as float32 (the same values), which ``torch.from_numpy`` takes.
 
   Example:
     >>> import torch, jax.numpy as jnp, jaxbn
@@ -96,11 +97,11 @@ def to_torch(state, scale=None, bias=None, *, prefix: str = '') -> dict:
   prefix = prefix + '.' if prefix and not prefix.endswith('.') else prefix
   out = {}
   if scale is not None:
-    out['weight'] = _writable(scale)
+    out['weight'] = _torch_readable(scale)
   if bias is not None:
-    out['bias'] = _writable(bias)
-  out['running_mean'] = _writable(state.mean)
-  out['running_var'] = _writable(state.var)
+    out['bias'] = _torch_readable(bias)
+  out['running_mean'] = _torch_readable(state.mean)
+  out['running_var'] = _torch_readable(state.var)
   out['num_batches_tracked'] = np.array(int(state.count), np.int64)
   return {prefix + k: v for k, v in out.items()}
 
@@ -208,6 +209,14 @@ def _stat_array(v) -> np.ndarray:
 
 def _writable(v) -> np.ndarray:
   return np.array(v, copy=True)
+
+
+def _torch_readable(v) -> np.ndarray:
+  """A copy that ``torch.from_numpy`` takes: dtypes NumPy only knows through
+  ml_dtypes (bfloat16) widen to float32, exactly; ``load_state_dict`` casts
+  them to the layer's dtype."""
+  v = _writable(v)
+  return v.astype(np.float32) if v.dtype.kind == 'V' else v
 
 
 def _check_shapes(state, scale, bias) -> None:

@@ -142,6 +142,23 @@ def test_bfloat16_torch_layer_reads_exactly():
   np.testing.assert_array_equal(np.asarray(bias, np.float32), bn.bias.detach().float().numpy())
 
 
+@pytest.mark.parametrize('torch_dtype', [torch.float32, torch.bfloat16])
+def test_bfloat16_parameters_load_into_torch(torch_dtype):
+  # A bfloat16 model's scale/bias, loaded as the docstring shows; widening
+  # bfloat16 to float32 is exact, so torch sees the same values.
+  rng = np.random.default_rng(3)
+  scale = jnp.asarray(rng.uniform(0.5, 1.5, 5), jnp.bfloat16)
+  bias = jnp.asarray(rng.standard_normal(5), jnp.bfloat16)
+  state = jaxbn.init_state(5)._replace(mean=jnp.asarray(rng.standard_normal(5), jnp.float32))
+  sd = to_torch(state, scale, bias)
+  bn = torch.nn.BatchNorm1d(5).to(torch_dtype)
+  bn.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})
+  np.testing.assert_array_equal(bn.weight.detach().float().numpy(), np.asarray(scale, np.float32))
+  np.testing.assert_array_equal(bn.bias.detach().float().numpy(), np.asarray(bias, np.float32))
+  if torch_dtype == torch.float32:
+    np.testing.assert_array_equal(bn.running_mean.numpy(), state.mean)
+
+
 def test_to_torch_errors():
   with pytest.raises(ValueError, match='one feature axis'):
     to_torch(jaxbn.init_state((2, 3)))
