@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 
+from jaxbn._flax_common import floating_input
 from jaxbn._functional import _running_variance, moments
 from jaxbn._moments import Moments
 from jaxbn._moments import pool_moments
@@ -199,7 +200,7 @@ def _recording(cls, index, captured):
 
   def __call__(self, x, *args, **kwargs):
     if _training(self, args, kwargs):
-      _accumulate(captured, index, moments(x, axis=self.axis, mask=kwargs.get('mask')))
+      _accumulate(captured, index, _input_moments(x, self.axis, kwargs.get('mask')))
     return super(recording, self).__call__(x, *args, **kwargs)
 
   recording = type(cls.__name__, (cls,), {'__call__': __call__, '__module__': cls.__module__})
@@ -269,8 +270,8 @@ def precise_bn_linen(module, variables, batches: Iterable, *,
   def capture(next_fun, args, kwargs, context):
     mod, path = context.module, tuple(context.module.path)
     if context.method_name == '__call__' and path in paths and _training(mod, args[1:], kwargs):
-      _accumulate(captured, path, moments(args[0], axis=getattr(mod, 'axis', -1),
-                                          mask=kwargs.get('mask')))
+      _accumulate(captured, path, _input_moments(args[0], getattr(mod, 'axis', -1),
+                                                 kwargs.get('mask')))
       running_vars[path] = getattr(mod, 'running_var', 'biased')
     return next_fun(*args, **kwargs)
 
@@ -299,6 +300,13 @@ def precise_bn_linen(module, variables, batches: Iterable, *,
             'var': var.astype(node['var'].dtype)}
 
   return {**variables, 'batch_stats': _set_at(stats, paths, write)}
+
+
+def _input_moments(x, axis, mask) -> Moments:
+  """A batch norm's input moments, with ``x`` and ``mask`` taken as the
+  layers take them: integer inputs as float32, 0/1 masks as booleans."""
+  return moments(floating_input(x), axis=axis,
+                 mask=None if mask is None else jnp.asarray(mask, bool))
 
 
 def _accumulate(totals: dict, key, m: Moments) -> None:

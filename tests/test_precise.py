@@ -404,3 +404,46 @@ def test_linen_renorm_corrects_towards_its_trained_statistics():
 def test_docstring_examples():
   result = doctest.testmod(_precise)
   assert result.attempted >= 4 and result.failed == 0
+
+
+class LinenInputBN(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return nn.Dense(2)(nn.BatchNorm(use_running_average=not train)(x))
+
+
+def test_integer_inputs_like_the_layers_take_them():
+  # Flax's batch norms (and jaxbn's) normalize an integer input as float32,
+  # e.g. uint8 pixels fed straight to a first batch norm; precise BN must
+  # measure the same values. Sums of <= 64 integers < 256 are exact in
+  # float32, so only the final divisions round (F32_TOL).
+  import jaxbn.nnx as jnnx
+  rng = np.random.default_rng(19)
+  xs = [rng.integers(0, 256, (16, 3), dtype=np.uint8) for _ in range(4)]
+  mean, var = np_pooled(xs)
+  for bn in (nnx.BatchNorm, jnnx.BatchNorm):
+    model = nnx.Sequential(bn(3, rngs=nnx.Rngs(0)), nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+    model(xs[0])  # trains on integers
+    precise_bn_nnx(model, xs)
+    np.testing.assert_allclose(model.layers[0].mean[...], mean, **F32_TOL)
+    np.testing.assert_allclose(model.layers[0].var[...], var, **F32_TOL)
+  variables = LinenInputBN().init(jax.random.key(0), xs[0])
+  new = precise_bn_linen(LinenInputBN(), variables, xs, train=True)
+  np.testing.assert_allclose(new['batch_stats']['BatchNorm_0']['mean'], mean, **F32_TOL)
+  np.testing.assert_allclose(new['batch_stats']['BatchNorm_0']['var'], var, **F32_TOL)
+  # 0/1 integer masks, which the Linen layers also take.
+  masks = [(rng.random((16, 1)) > 0.3).astype(np.int32) for _ in xs]
+  model = LinenMaskedBN()
+  variables = model.init(jax.random.key(0), (xs[0], masks[0]))
+  new = precise_bn_linen(model, variables, list(zip(xs, masks)), train=True)
+  mean, var = np_pooled([x[m[:, 0] == 1] for x, m in zip(xs, masks)])
+  np.testing.assert_allclose(new['batch_stats']['BatchNorm_0']['mean'], mean, **F32_TOL)
+  np.testing.assert_allclose(new['batch_stats']['BatchNorm_0']['var'], var, **F32_TOL)
+
+
+class LinenMaskedBN(nn.Module):
+  @nn.compact
+  def __call__(self, batch, train: bool = False):
+    from jaxbn.linen import BatchNorm
+    x, mask = batch
+    return BatchNorm(use_running_average=not train)(x, mask=mask)
