@@ -119,6 +119,19 @@ def state_type(state) -> None:
           f'{type(state).__name__}.')
 
 
+def state_floating(state) -> None:
+  """The running statistics keep their dtypes through an update, so an
+  integer one would be truncated every step (a variance below 1 becomes 0)."""
+  for field in ('mean', 'var'):
+    dtype = jnp.result_type(getattr(state, field))
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(
+          f'state.{field} has dtype {dtype}, but running statistics need a '
+          'floating dtype (an update would truncate them); create the state '
+          'with jaxbn.init_state(...) or convert it, e.g. '
+          f'state._replace({field}=jnp.asarray(state.{field}, jnp.float32)).')
+
+
 def state_matches(state, feature_shape: tuple[int, ...]) -> None:
   state_type(state)
   for field in ('mean', 'var'):

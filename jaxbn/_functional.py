@@ -160,6 +160,7 @@ def update_state(state: BatchNormState, batch: Moments, *, momentum=0.99,
   _checks.momentum(momentum)
   _checks.running_var(running_var)
   _checks.state_type(state)
+  _checks.state_floating(state)
   _checks.moments_match(batch, state)
   count = jnp.asarray(state.count)
   var = _running_variance(batch, running_var)

@@ -37,6 +37,14 @@ def bn(x=X, state=STATE, **kw):
     (lambda: jaxbn.init_state(0), ValueError, 'num_features must be >= 1'),
     (lambda: jaxbn.init_state('3'), TypeError, 'num_features must be an int'),
     (lambda: jaxbn.init_state(3, jnp.int32), TypeError, 'floating dtype'),
+    # Integer running statistics would be truncated at every update (a
+    # variance below 1 becomes 0), silently.
+    (lambda: bn(state=jaxbn.BatchNormState(jnp.array([0, 0, 0]), jnp.ones(3), 0)), TypeError,
+     r'state.mean has dtype int32.*jnp.float32'),
+    (lambda: bn(state=jaxbn.BatchNormState(jnp.zeros(3), np.ones(3, np.int64), 0)), TypeError,
+     r'state.var has dtype int'),
+    (lambda: jaxbn.batch_renorm(X, jaxbn.BatchNormState(jnp.zeros(3), jnp.array([1, 1, 1]), 0),
+                                training=True), TypeError, 'floating'),
     (lambda: jaxbn.batch_norm(X, STATE), TypeError, 'training'),
     (lambda: jaxbn.normalize(X, jnp.zeros(2), jnp.ones(3)), ValueError, 'mean has shape'),
     (lambda: jaxbn.normalize(X, jnp.zeros(3), jnp.ones(3), jnp.ones(4)), ValueError,
