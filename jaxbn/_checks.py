@@ -99,7 +99,7 @@ def _real_scalar(value, name: str) -> float | None:
     if value.ndim != 0:
       raise ValueError(
           f'{name} must be a scalar, got an array of shape {value.shape}; pass '
-          'one value for every feature.')
+          'one value for all features.')
     return float(value)
   return None
 
