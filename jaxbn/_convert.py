@@ -16,8 +16,9 @@ training the way the source framework would:
 Names: ``weight``/``gamma`` is ``scale``, ``bias``/``beta`` is ``bias``,
 ``running_mean``/``moving_mean`` is ``state.mean`` and
 ``running_var``/``moving_variance`` is ``state.var``. Neither PyTorch nor
-Keras is imported here: tensors are read through ``.detach().cpu().numpy()``
-and NumPy arrays are returned.
+Keras is imported here: tensors are read through ``.detach().cpu().numpy()``;
+:func:`from_torch` and :func:`from_keras` return JAX arrays, :func:`to_torch`
+and :func:`to_keras` NumPy arrays.
 """
 
 from __future__ import annotations

@@ -73,8 +73,8 @@ class BatchNorm(nn.Module):
     axis_name: mapped axis (``nn.vmap``, ``shard_map``, ``pmap``) whose
       members share statistics; pooled exactly, weighted by counts.
     axis_index_groups: sub-groups of ``axis_name`` that sync separately.
-    use_fast_variance: accepted for compatibility; jaxbn's variance is always
-      the stable one, at the same speed.
+    use_fast_variance: accepted for compatibility and ignored: jaxbn's
+      variance is always the stable one.
     force_float32_reductions: if False the statistics are stored in
       ``param_dtype`` (as Flax does); they are still reduced in float32.
     running_var: ``'biased'`` (Flax) or ``'unbiased'`` (PyTorch) running

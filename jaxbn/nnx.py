@@ -73,8 +73,8 @@ class BatchNorm(nnx.Module):
     axis_name: mapped axis (``nnx.vmap``, ``shard_map``, ``pmap``) whose
       members share statistics; pooled exactly, weighted by counts.
     axis_index_groups: sub-groups of ``axis_name`` that sync separately.
-    use_fast_variance: accepted for compatibility; jaxbn's variance is always
-      the stable one, at the same speed.
+    use_fast_variance: accepted for compatibility and ignored: jaxbn's
+      variance is always the stable one.
     promote_dtype: Flax's hook that promotes ``(x, mean, var, scale, bias)``
       to a common dtype.
     rngs: random streams for the initializers.
