@@ -9,7 +9,6 @@ epsilon or variance estimate shows at 1e-3 or more). Evaluation uses the
 same arithmetic in the same order as Flax and matches to 1e-6.
 """
 
-import doctest
 import functools
 import inspect
 import subprocess
@@ -46,10 +45,6 @@ def _state_arrays(module):
 
 # --- API surface ------------------------------------------------------------
 
-
-def test_docstring_examples_run():
-  result = doctest.testmod(jaxbn.nnx, optionflags=doctest.ELLIPSIS)
-  assert result.attempted > 0 and result.failed == 0
 
 
 def test_submodule_access():

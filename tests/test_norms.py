@@ -1,6 +1,5 @@
 """layer_norm, group_norm and instance_norm against Flax and float64 NumPy."""
 
-import doctest
 
 import flax.linen as nn
 import jax
@@ -10,7 +9,6 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxbn
-from jaxbn import _norms
 from jaxbn._norms import group_norm, instance_norm, layer_norm
 from reference import bfloat16_ulps, cancelling_dx_case
 
@@ -251,10 +249,6 @@ def test_gradients_are_exact_in_float64():
                lambda x, s, b: instance_norm(x, s, b)):
       check_grads(jax.jit(fn), (x, scale, bias), order=1, modes=['rev'])
 
-
-def test_docstring_examples():
-  result = doctest.testmod(_norms, optionflags=doctest.NORMALIZE_WHITESPACE)
-  assert result.attempted >= 3 and result.failed == 0
 
 
 # --------------------------------------------------------------------------
