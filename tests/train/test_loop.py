@@ -315,3 +315,27 @@ def test_resume_with_nothing_to_resume_checks_typed_options(tmp_path):
     with pytest.raises(ConfigError, match="--virtual-batch-size only applies to --norm ghost"):
         loop.resume_config({"out": str(tmp_path / "new"), "resume": True,
                             "virtual_batch_size": 8})
+
+
+def _strict_json(text):
+    # NaN and Infinity are not JSON: jq, JavaScript and most parsers refuse them.
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_non_finite_test_loss_is_written_as_json_null(tmp_path):
+    # Diverged running statistics make the evaluation loss NaN while the
+    # training steps stay finite, so the run finishes and writes its files.
+    def poisoned_test_set(*args, **kwargs):
+        d = data.load(*args, **kwargs)
+        return d._replace(x_test=np.full_like(d.x_test, np.nan))
+
+    out = tmp_path / "run"
+    code, summary, text = run(tiny(out), load_data=poisoned_test_set)
+    assert code == 0 and summary["test_loss"] is None
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert _strict_json(lines[-1])["test_loss"] is None
+    assert _strict_json((out / "summary.json").read_text())["test_loss"] is None
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert "test loss n/a" in text.splitlines()[-1]
