@@ -172,6 +172,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--augment-shift must be 0 to 4 pixels, got {cfg.augment_shift}")
     if not 0 <= cfg.seed < SEED_LIMIT:
         raise ConfigError(f"--seed must be in [0, 2**32), got {cfg.seed}")
+    if cfg.out == "":
+        # Path("") is the current directory: the run would land among its files.
+        raise ConfigError("--out needs a folder, got an empty path")
     if cfg.compile_cache is not None and not cfg.compile_cache.strip():
         raise ConfigError("--compile-cache needs a folder, or 'off' for no cache")
     _validate_parallel(cfg)

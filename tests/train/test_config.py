@@ -61,6 +61,8 @@ def test_config_is_frozen():
     (["--bn-group-size", "0"], "--bn-group-size must be at least 1"),
     (["--num-processes", "0"], "--num-processes must be at least 1"),
     (["--no-such-flag"], "unrecognized arguments"),
+    # An unset shell variable (--out "$RUN"): not the current directory.
+    (["--out", ""], "--out needs a folder"),
 ])
 def test_bad_values_raise_one_line_config_errors(argv, fragment):
     with pytest.raises(ConfigError) as info:
