@@ -115,8 +115,13 @@ def default_out_dir(cfg: Config) -> str:
     return os.path.join("runs", f"{cfg.dataset}-{cfg.model}-{cfg.norm}-seed{cfg.seed}")
 
 
-def resolve(cfg: Config) -> Config:
-    """Fill dataset-dependent defaults and check value ranges."""
+def resolve(cfg: Config, *, check: bool = True) -> Config:
+    """Fill dataset-dependent defaults and (unless ``check`` is false) check value ranges.
+
+    ``check=False`` serves ``--resume``: the command line alone lacks the
+    checkpointed settings its values must be checked against (``--batch-size
+    1`` is fine for a layer-norm run, not for the default ``--norm batch``).
+    """
     defaults = DATASET_DEFAULTS[cfg.dataset]
     cfg = dataclasses.replace(
         cfg,
@@ -132,7 +137,8 @@ def resolve(cfg: Config) -> Config:
         cfg = dataclasses.replace(cfg, bn_group_size=cfg.devices)
     if cfg.out is None:
         cfg = dataclasses.replace(cfg, out=default_out_dir(cfg))
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 

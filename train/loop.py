@@ -108,13 +108,15 @@ def resume_config(explicit: dict[str, Any]) -> Config:
     every setting that changes the computation; paths may differ. Options
     that the resulting settings would ignore are refused.
     """
-    probe = resolve(Config(**explicit))
+    # Unchecked: the values are checked once merged with the saved settings.
+    probe = resolve(Config(**explicit), check=False)
     found = checkpoint.latest_meta(Path(probe.out) / "checkpoints")
     if found is not None:
         saved = found[1].get("config", {})
     else:
         saved = _read_run_config(Path(probe.out) / RUN_CONFIG)
         if saved is None:
+            probe = resolve(Config(**explicit))
             check_typed_options(explicit, probe)
             return probe
     for key, value in explicit.items():

@@ -311,6 +311,18 @@ def test_resume_accepts_typed_options_that_apply_to_the_checkpointed_run(tmp_pat
     assert cfg.norm == "ghost"
 
 
+def test_resume_checks_typed_values_against_the_checkpointed_settings(tmp_path):
+    # The command line alone (norm batch, one device) would refuse both.
+    out = tmp_path / "run"
+    _run_config_only(out, norm="layer", batch_size=1)
+    cfg = loop.resume_config({"out": str(out), "resume": True, "batch_size": 1})
+    assert (cfg.norm, cfg.batch_size) == ("layer", 1)
+    out = tmp_path / "groups"
+    _run_config_only(out, devices=4, bn_group_size=2, batch_size=32)
+    cfg = loop.resume_config({"out": str(out), "resume": True, "bn_group_size": 2})
+    assert (cfg.devices, cfg.bn_group_size) == (4, 2)
+
+
 def test_resume_with_nothing_to_resume_checks_typed_options(tmp_path):
     with pytest.raises(ConfigError, match="--virtual-batch-size only applies to --norm ghost"):
         loop.resume_config({"out": str(tmp_path / "new"), "resume": True,
