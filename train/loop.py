@@ -125,8 +125,12 @@ def resume_config(explicit: dict[str, Any]) -> Config:
                 f"--{key.replace('_', '-')} {value} differs from the run in {probe.out} "
                 f"({saved[key]}); drop the option to resume, or choose another --out")
     known = {f.name for f in dataclasses.fields(Config)}
+    # The saved data_dir is where the files were (often JAXBN_DATA's value
+    # then); where JAXBN_DATA points now wins, as its error messages advise.
+    # The files are checksummed, so any copy trains alike.
+    moved = ("data_dir",) if os.environ.get("JAXBN_DATA") else ()
     merged = {k: v for k, v in saved.items()
-              if k in known and k not in ("out", "resume") + LAUNCH_FIELDS}
+              if k in known and k not in ("out", "resume") + LAUNCH_FIELDS + moved}
     merged.update(explicit)
     merged.setdefault("out", probe.out)
     cfg = resolve(Config(**merged))

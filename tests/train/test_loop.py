@@ -323,6 +323,18 @@ def test_resume_checks_typed_values_against_the_checkpointed_settings(tmp_path):
     assert (cfg.devices, cfg.bn_group_size) == (4, 2)
 
 
+def test_resume_finds_the_data_where_jaxbn_data_now_points(tmp_path, monkeypatch):
+    # The run was started on another machine (or before the data moved).
+    out = tmp_path / "run"
+    _run_config_only(out, dataset="mnist", data_dir="/old/place")
+    monkeypatch.delenv("JAXBN_DATA", raising=False)
+    assert loop.resume_config({"out": str(out), "resume": True}).data_dir == "/old/place"
+    monkeypatch.setenv("JAXBN_DATA", "/new/place")
+    assert loop.resume_config({"out": str(out), "resume": True}).data_dir == "/new/place"
+    typed = loop.resume_config({"out": str(out), "resume": True, "data_dir": "/typed"})
+    assert typed.data_dir == "/typed"
+
+
 def test_resume_with_nothing_to_resume_checks_typed_options(tmp_path):
     with pytest.raises(ConfigError, match="--virtual-batch-size only applies to --norm ghost"):
         loop.resume_config({"out": str(tmp_path / "new"), "resume": True,
