@@ -43,6 +43,9 @@ DEFAULT_BASE_URL = {
 MAX_STEPS = 2**31 - 1
 # Seeds become uint32 PRNG keys.
 SEED_LIMIT = 2**32
+# The largest float32: the steps compute in float32, where a larger --lr or
+# --weight-decay is infinite (a NaN learning rate at the first warmup step).
+FLOAT32_MAX = 3.4028234663852886e38
 
 # Fields that change what is computed. Resuming a run with a different value
 # for any of these would not reproduce the uninterrupted run.
@@ -170,6 +173,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if cfg.lr is not None and not cfg.lr > 0:
         raise ConfigError(f"--lr must be positive, got {cfg.lr}")
+    for name in ("lr", "weight_decay"):
+        value = getattr(cfg, name)
+        if value is not None and value > FLOAT32_MAX:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at most {FLOAT32_MAX:.2g} "
+                              f"(the largest float32), got {value}")
     if not cfg.weight_decay >= 0:
         raise ConfigError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     if not 0.0 <= cfg.bn_momentum < 1.0:
