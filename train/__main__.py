@@ -38,8 +38,11 @@ def _main(argv, stop: StopFlag) -> int:
     tune_malloc()  # before JAX allocates: see train/allocator.py
     try:
         explicit = explicit_args(argv)
-        cfg = resolve(Config(**explicit))  # cheap checks before importing jax
-        if not cfg.resume:  # a resume checks them against the checkpointed settings
+        # Cheap checks before importing jax; a resume checks the values and
+        # options against the checkpointed settings (loop.resume_config).
+        resume = explicit.get("resume", False)
+        cfg = resolve(Config(**explicit), check=not resume)
+        if not resume:
             check_typed_options(explicit, cfg)
         if cfg.process_id == 0:  # the only process that writes --out
             check_out_dir(cfg.out, cfg.resume)

@@ -43,6 +43,9 @@ DEFAULT_BASE_URL = {
 MAX_STEPS = 2**31 - 1
 # Seeds become uint32 PRNG keys.
 SEED_LIMIT = 2**32
+# The largest float32: the steps compute in float32, where a larger --lr or
+# --weight-decay is infinite (a NaN learning rate at the first warmup step).
+FLOAT32_MAX = 3.4028234663852886e38
 
 # Fields that change what is computed. Resuming a run with a different value
 # for any of these would not reproduce the uninterrupted run.
@@ -115,8 +118,13 @@ def default_out_dir(cfg: Config) -> str:
     return os.path.join("runs", f"{cfg.dataset}-{cfg.model}-{cfg.norm}-seed{cfg.seed}")
 
 
-def resolve(cfg: Config) -> Config:
-    """Fill dataset-dependent defaults and check value ranges."""
+def resolve(cfg: Config, *, check: bool = True) -> Config:
+    """Fill dataset-dependent defaults and (unless ``check`` is false) check value ranges.
+
+    ``check=False`` serves ``--resume``: the command line alone lacks the
+    checkpointed settings its values must be checked against (``--batch-size
+    1`` is fine for a layer-norm run, not for the default ``--norm batch``).
+    """
     defaults = DATASET_DEFAULTS[cfg.dataset]
     cfg = dataclasses.replace(
         cfg,
@@ -132,7 +140,8 @@ def resolve(cfg: Config) -> Config:
         cfg = dataclasses.replace(cfg, bn_group_size=cfg.devices)
     if cfg.out is None:
         cfg = dataclasses.replace(cfg, out=default_out_dir(cfg))
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
@@ -164,6 +173,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if cfg.lr is not None and not cfg.lr > 0:
         raise ConfigError(f"--lr must be positive, got {cfg.lr}")
+    for name in ("lr", "weight_decay"):
+        value = getattr(cfg, name)
+        if value is not None and value > FLOAT32_MAX:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at most {FLOAT32_MAX:.2g} "
+                              f"(the largest float32), got {value}")
     if not cfg.weight_decay >= 0:
         raise ConfigError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     if not 0.0 <= cfg.bn_momentum < 1.0:
@@ -172,6 +186,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--augment-shift must be 0 to 4 pixels, got {cfg.augment_shift}")
     if not 0 <= cfg.seed < SEED_LIMIT:
         raise ConfigError(f"--seed must be in [0, 2**32), got {cfg.seed}")
+    if cfg.out == "":
+        # Path("") is the current directory: the run would land among its files.
+        raise ConfigError("--out needs a folder, got an empty path")
     if cfg.compile_cache is not None and not cfg.compile_cache.strip():
         raise ConfigError("--compile-cache needs a folder, or 'off' for no cache")
     _validate_parallel(cfg)

@@ -208,8 +208,12 @@ def read_idx(path: str | os.PathLike, *, kind: str, count: int | None = None,
     return array
 
 
-def resolve_data_dir(data_dir: str | None, dataset: str) -> Path:
+def resolve_data_dir(data_dir: str | None, dataset: str, *, download: bool = False) -> Path:
     if not data_dir:
+        if download:  # typed already: what is missing is where to put the files
+            raise DataError(
+                f"--download needs a folder to fetch {dataset}/ into: pass --data-dir DIR "
+                f"or set JAXBN_DATA")
         raise DataError(
             f"--dataset {dataset} needs its files: pass --data-dir DIR or set JAXBN_DATA "
             f"to a folder holding {dataset}/ (add --download to fetch them)")
@@ -220,7 +224,7 @@ def check_present(dataset: str, data_dir: str | None, download_missing: bool) ->
     """Fail fast (before any heavy import) when the files cannot be there."""
     if dataset not in MD5:
         return
-    folder = resolve_data_dir(data_dir, dataset) / dataset
+    folder = resolve_data_dir(data_dir, dataset, download=download_missing) / dataset
     if download_missing:
         return
     if not folder.is_dir():
@@ -272,7 +276,7 @@ def download(dataset: str, data_dir: str | None, base_url: str | None = None, *,
     """
     if dataset not in MD5:
         raise DataError(f"--download works for {', '.join(MD5)}, not {dataset}")
-    folder = resolve_data_dir(data_dir, dataset) / dataset
+    folder = resolve_data_dir(data_dir, dataset, download=True) / dataset
     base = (base_url or DEFAULT_BASE_URL[dataset]).rstrip("/") + "/"
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -108,13 +108,15 @@ def resume_config(explicit: dict[str, Any]) -> Config:
     every setting that changes the computation; paths may differ. Options
     that the resulting settings would ignore are refused.
     """
-    probe = resolve(Config(**explicit))
+    # Unchecked: the values are checked once merged with the saved settings.
+    probe = resolve(Config(**explicit), check=False)
     found = checkpoint.latest_meta(Path(probe.out) / "checkpoints")
     if found is not None:
         saved = found[1].get("config", {})
     else:
         saved = _read_run_config(Path(probe.out) / RUN_CONFIG)
         if saved is None:
+            probe = resolve(Config(**explicit))
             check_typed_options(explicit, probe)
             return probe
     for key, value in explicit.items():
@@ -123,8 +125,12 @@ def resume_config(explicit: dict[str, Any]) -> Config:
                 f"--{key.replace('_', '-')} {value} differs from the run in {probe.out} "
                 f"({saved[key]}); drop the option to resume, or choose another --out")
     known = {f.name for f in dataclasses.fields(Config)}
+    # The saved data_dir is where the files were (often JAXBN_DATA's value
+    # then); where JAXBN_DATA points now wins, as its error messages advise.
+    # The files are checksummed, so any copy trains alike.
+    moved = ("data_dir",) if os.environ.get("JAXBN_DATA") else ()
     merged = {k: v for k, v in saved.items()
-              if k in known and k not in ("out", "resume") + LAUNCH_FIELDS}
+              if k in known and k not in ("out", "resume") + LAUNCH_FIELDS + moved}
     merged.update(explicit)
     merged.setdefault("out", probe.out)
     cfg = resolve(Config(**merged))
@@ -195,7 +201,7 @@ class Progress:
             train = (f"train loss {rec['train_loss']:.4f} "
                      f"acc {100 * rec['train_accuracy']:.1f}%")
         self.stream.write(
-            f"epoch {rec['epoch']}/{self.epochs}  {train}  test loss {rec['test_loss']:.4f} "
+            f"epoch {rec['epoch']}/{self.epochs}  {train}  test loss {_loss_text(rec['test_loss'])} "
             f"acc {100 * rec['test_accuracy']:.2f}%  {rec['images_per_second']:.0f} img/s  "
             f"{rec['epoch_seconds']:.1f} s\n")
         self.stream.flush()
@@ -217,6 +223,10 @@ class Progress:
 
 def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
+
+
+def _loss_text(loss: float | None) -> str:
+    return "n/a" if loss is None else f"{loss:.4f}"
 
 
 def versions() -> dict[str, str]:
@@ -318,7 +328,9 @@ class Bookkeeping:
         return {"kind": "epoch", "epoch": self.epoch + 1, "step": step,
                 "train_loss": self.loss_sum / n if n else None,
                 "train_accuracy": self.acc_sum / n if n else None,
-                "test_loss": test_loss, "test_accuracy": test_acc, "lr": self.last_lr,
+                # NaN is not JSON: diverged running statistics log null.
+                "test_loss": _finite_or_none(test_loss), "test_accuracy": test_acc,
+                "lr": self.last_lr,
                 "epoch_seconds": self.epoch_step_time + eval_seconds,
                 "images_per_second": self.epoch_images / max(self.epoch_step_time, 1e-9)}
 
@@ -679,7 +691,7 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
              else f"{ips:.0f} images/s after the first step")
     progress.message(
         f"test accuracy {100 * summary['test_accuracy']:.2f}% (test loss "
-        f"{summary['test_loss']:.4f}) in {train_seconds:.1f} s, {speed}")
+        f"{_loss_text(summary['test_loss'])}) in {train_seconds:.1f} s, {speed}")
     return 0, summary
 
 

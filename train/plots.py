@@ -63,7 +63,10 @@ def plot_run(records: Iterable[dict], out_dir: Path, title: str = "") -> list[Pa
                     label="train (smoothed)")
         if epochs:
             xs = [r["step"] for r in epochs]
-            ax.plot(xs, [r[f"test_{metric}"] for r in epochs], "o-", color="C3",
+            # null: a non-finite test loss (diverged running statistics)
+            ys = [float("nan") if r[f"test_{metric}"] is None else r[f"test_{metric}"]
+                  for r in epochs]
+            ax.plot(xs, ys, "o-", color="C3",
                     label="test (running statistics)")
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)

@@ -100,6 +100,20 @@ def test_resume_names_a_dataset_mismatch_before_the_missing_files(tmp_path):
     assert_one_line_error(proc, "--dataset mnist differs from the run")
 
 
+def test_resume_checks_typed_options_against_the_run_not_the_defaults(tmp_path):
+    # --batch-size 1 is fine for this layer-norm run; only the default --norm
+    # batch, which the run does not use, needs 2 examples per batch.
+    from train.config import Config, resolve
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = resolve(Config(out=str(out), norm="layer", batch_size=1))
+    (out / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (out / "summary.json").write_text(json.dumps({"test_accuracy": 0.5}))
+    proc = run_cli("--out", out, "--resume", "--batch-size", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "already complete" in proc.stdout
+
+
 def test_too_many_devices(tmp_path):
     proc = run_cli("--devices", "4", "--batch-size", "32", "--out", tmp_path / "o")
     assert_one_line_error(proc, "--devices 4 but only 1")

@@ -58,9 +58,14 @@ def test_config_is_frozen():
     (["--lr", "inf"], "--lr must be a finite number, got inf"),
     (["--lr", "nan"], "--lr must be a finite number, got nan"),
     (["--weight-decay", "inf"], "--weight-decay must be a finite number, got inf"),
+    # Finite in Python, infinite in the float32 the steps compute in.
+    (["--lr", "1e39"], "--lr must be at most 3.4e+38"),
+    (["--weight-decay", "1e39"], "--weight-decay must be at most 3.4e+38"),
     (["--bn-group-size", "0"], "--bn-group-size must be at least 1"),
     (["--num-processes", "0"], "--num-processes must be at least 1"),
     (["--no-such-flag"], "unrecognized arguments"),
+    # An unset shell variable (--out "$RUN"): not the current directory.
+    (["--out", ""], "--out needs a folder"),
 ])
 def test_bad_values_raise_one_line_config_errors(argv, fragment):
     with pytest.raises(ConfigError) as info:

@@ -170,6 +170,15 @@ def test_missing_file_and_missing_folder(tmp_path, mnist_copy):
         data.load("mnist", None)
 
 
+def test_download_without_a_folder_does_not_advise_download():
+    # The user already passed --download: the missing piece is the folder.
+    for call in (lambda: data.check_present("mnist", None, True),
+                 lambda: data.load("mnist", None, download_missing=True)):
+        with pytest.raises(DataError, match="pass --data-dir DIR or set JAXBN_DATA") as info:
+            call()
+        assert "add --download" not in str(info.value)
+
+
 def test_loading_never_writes_into_the_data_folder(mnist_copy):
     before = {p.name: p.stat().st_mtime_ns for p in mnist_copy.iterdir()}
     data.load("mnist", str(mnist_copy.parent), limit_train=10)

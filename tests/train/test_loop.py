@@ -311,7 +311,55 @@ def test_resume_accepts_typed_options_that_apply_to_the_checkpointed_run(tmp_pat
     assert cfg.norm == "ghost"
 
 
+def test_resume_checks_typed_values_against_the_checkpointed_settings(tmp_path):
+    # The command line alone (norm batch, one device) would refuse both.
+    out = tmp_path / "run"
+    _run_config_only(out, norm="layer", batch_size=1)
+    cfg = loop.resume_config({"out": str(out), "resume": True, "batch_size": 1})
+    assert (cfg.norm, cfg.batch_size) == ("layer", 1)
+    out = tmp_path / "groups"
+    _run_config_only(out, devices=4, bn_group_size=2, batch_size=32)
+    cfg = loop.resume_config({"out": str(out), "resume": True, "bn_group_size": 2})
+    assert (cfg.devices, cfg.bn_group_size) == (4, 2)
+
+
+def test_resume_finds_the_data_where_jaxbn_data_now_points(tmp_path, monkeypatch):
+    # The run was started on another machine (or before the data moved).
+    out = tmp_path / "run"
+    _run_config_only(out, dataset="mnist", data_dir="/old/place")
+    monkeypatch.delenv("JAXBN_DATA", raising=False)
+    assert loop.resume_config({"out": str(out), "resume": True}).data_dir == "/old/place"
+    monkeypatch.setenv("JAXBN_DATA", "/new/place")
+    assert loop.resume_config({"out": str(out), "resume": True}).data_dir == "/new/place"
+    typed = loop.resume_config({"out": str(out), "resume": True, "data_dir": "/typed"})
+    assert typed.data_dir == "/typed"
+
+
 def test_resume_with_nothing_to_resume_checks_typed_options(tmp_path):
     with pytest.raises(ConfigError, match="--virtual-batch-size only applies to --norm ghost"):
         loop.resume_config({"out": str(tmp_path / "new"), "resume": True,
                             "virtual_batch_size": 8})
+
+
+def _strict_json(text):
+    # NaN and Infinity are not JSON: jq, JavaScript and most parsers refuse them.
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_non_finite_test_loss_is_written_as_json_null(tmp_path):
+    # Diverged running statistics make the evaluation loss NaN while the
+    # training steps stay finite, so the run finishes and writes its files.
+    def poisoned_test_set(*args, **kwargs):
+        d = data.load(*args, **kwargs)
+        return d._replace(x_test=np.full_like(d.x_test, np.nan))
+
+    out = tmp_path / "run"
+    code, summary, text = run(tiny(out), load_data=poisoned_test_set)
+    assert code == 0 and summary["test_loss"] is None
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert _strict_json(lines[-1])["test_loss"] is None
+    assert _strict_json((out / "summary.json").read_text())["test_loss"] is None
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert "test loss n/a" in text.splitlines()[-1]
