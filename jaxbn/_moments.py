@@ -140,17 +140,20 @@ def _checked_fast_moments(x, reduction_axes):
 
   ``E[|x|^2] - |E[x]|^2`` loses ``log2(1 + |mean|^2 / var)`` bits, so it is
   kept only when every feature has ``|mean|^2 <= CONDITION_LIMIT * var``
-  (at most ~4 bits lost) and redone otherwise with the fast mean as the shift,
-  which loses almost nothing. Pure reductions are what XLA:CPU runs fastest,
-  and the second pass runs only for badly centred data (under ``vmap`` the
-  branch becomes a select, and both run).
+  (at most ~4 bits lost) and a finite variance, and redone otherwise with
+  the fast mean as the shift, which loses almost nothing. Pure reductions are
+  what XLA:CPU runs fastest, and the second pass runs only for badly centred
+  data (under ``vmap`` the branch becomes a select, and both run).
   """
   n = _size(x.shape, reduction_axes)
   xa, xb = separate_reads(x, 2)
   mean, var = _moments_of_sums(jnp.sum(_widened(xa), axis=reduction_axes),
                                jnp.sum(_abs2(_widened(xb)), axis=reduction_axes), n, 0.0)
   # One max-reduction (not a compare, then any): fewer tiny kernels on small inputs.
-  ill_conditioned = jnp.max(_abs2(mean) - CONDITION_LIMIT * var) > 0
+  # A sum of |x|^2 that overflowed (|x| ~ 1e19 in float32) leaves an infinite
+  # or NaN variance that the sums about the mean may still get right.
+  excess = jnp.where(var < jnp.inf, _abs2(mean) - CONDITION_LIMIT * var, 1.0)
+  ill_conditioned = jnp.max(excess) > 0
   recentred = lambda mean: _moments_about(x, _expand(mean, reduction_axes), reduction_axes,
                                           own_reads=True)
   return lax.cond(ill_conditioned, recentred, lambda mean: (mean, var), mean)

@@ -53,6 +53,19 @@ def test_each_backend_algorithm_keeps_the_variance_exact(algorithm, ratio):
   np.testing.assert_allclose(mean, x.astype(np.float64).mean(0), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize('algorithm', ['_checked_fast_moments', '_shifted_moments'])
+def test_a_huge_offset_does_not_overflow_the_variance(algorithm):
+  # At |x| ~ 1e19 float32's sum of x^2 overflows (4096 * 1e38 > 3.4e38),
+  # though the spread (std 1e15, variance 1e30) fits: the plain sums give an
+  # infinite variance, the sums about the mean do not. The offset is ~1e4
+  # standard deviations: the rounding of float32 sums of 4096 terms, as above.
+  x = 1e19 + 1e15 * np.random.default_rng(0).standard_normal((4096, 4))
+  x = x.astype(np.float32)
+  fn = jax.jit(getattr(jaxbn._moments, algorithm), static_argnums=1)
+  assert _rel_err(fn(jnp.asarray(x), (0,))[1], x) < 1e-5
+  assert _rel_err(jaxbn.moments(x).var, x) < 1e-5
+
+
 def test_batch_norm_lowers_for_accelerators():
   # Off CPU the other algorithm is compiled: it must lower there too.
   def loss(x):
