@@ -49,6 +49,10 @@ def normalize(x, mean, var, scale=None, bias=None, *, axis=-1, epsilon=1e-5, dty
   x = _checks.float_array(x)
   feature_axes = _checks.canonical_axes(axis, x.ndim)
   feature_shape = tuple(x.shape[a] for a in feature_axes)
+  for name, value in (('mean', mean), ('var', var)):
+    if value is None:
+      raise TypeError(f'normalize needs the {name} to normalize with, got None; pass '
+                      f'e.g. state.{name} or jaxbn.moments(x, axis).{name}.')
   for name, value in (('mean', mean), ('var', var), ('scale', scale), ('bias', bias)):
     _checks.param_matches(value, name, feature_shape)
   _checks.epsilon(epsilon)

@@ -47,6 +47,8 @@ def bn(x=X, state=STATE, **kw):
                                 training=True), TypeError, 'floating'),
     (lambda: jaxbn.batch_norm(X, STATE), TypeError, 'training'),
     (lambda: jaxbn.normalize(X, jnp.zeros(2), jnp.ones(3)), ValueError, 'mean has shape'),
+    (lambda: jaxbn.normalize(X, None, jnp.ones(3)), TypeError, r'needs the mean .* state\.mean'),
+    (lambda: jaxbn.normalize(X, jnp.zeros(3), None), TypeError, r'needs the var .*jaxbn\.moments'),
     (lambda: jaxbn.normalize(X, jnp.zeros(3), jnp.ones(3), jnp.ones(4)), ValueError,
      'scale has shape'),
     (lambda: jaxbn.to_torch((np.zeros(3), np.ones(3))), TypeError, 'BatchNormState'),
