@@ -290,7 +290,7 @@ def _check_batch_norm(bn, path):
         f'{_show(path)} is a {type(bn).__name__}, not a batch norm (needs '
         'scale, bias, mean, var, epsilon and use_running_average attributes).')
   axis = getattr(bn, 'axis', -1)
-  if axis != -1:
+  if axis not in (-1, (-1,)):
     raise ValueError(
         f'the batch norm at {_show(path)} normalizes axis={axis!r}, but folding '
         'needs the features on the last axis (axis=-1), where Flax layers '

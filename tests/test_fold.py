@@ -251,6 +251,15 @@ def test_model_errors_name_the_fix():
     fold_batch_norm_nnx(transposed, [('layers/0', 'layers/1')])
 
 
+def test_a_one_axis_tuple_is_the_last_axis():
+  rngs = nnx.Rngs(0)
+  model = _randomize_batch_norms(nnx.Sequential(
+      nnx.Linear(2, 3, rngs=rngs), nnx.BatchNorm(3, axis=(-1,), rngs=rngs)))
+  x = jax.random.normal(jax.random.key(3), (4, 2))
+  model.eval()
+  assert_close(fold_batch_norm_nnx(model)(x), model(x))
+
+
 def test_conv_transpose_folds():
   rngs = nnx.Rngs(0)
   model = _randomize_batch_norms(nnx.Sequential(
