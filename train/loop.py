@@ -622,8 +622,8 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                         metrics_file.flush()
                         raise RunError(
                             f"stopped at step {gstep}: {rec['bad_steps']} consecutive steps "
-                            f"had a non-finite loss or gradient; start a new run with a lower "
-                            f"--lr, or check the data")
+                            f"had a non-finite loss, gradient, parameter or running statistic; "
+                            f"start a new run with a lower --lr, or check the data")
                     progress.step(epoch, book.batch - 1, m["loss"], m["accuracy"],
                                   len(xb) / dt if dt > 0 else 0.0)
                     if interrupt_at_step is not None and gstep == interrupt_at_step:

@@ -8,6 +8,7 @@ of ``(state, batch)`` so they jit, donate and shard like any jax function.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -181,10 +182,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation,
         new_params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
 
-        # NaN/Inf guard: a non-finite loss or gradient leaves params, optimizer
-        # and running statistics as they were (a select, not a branch, so the
-        # step stays one fused program).
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # NaN/Inf guard: a non-finite loss, gradient or new state (an update
+        # that overflowed) leaves params, optimizer and running statistics as
+        # they were (a select, not a branch: the step stays one program).
+        finite_state = _all_finite((new_params, new_model_state))
+        if axis_name is not None:  # running statistics may differ between devices
+            finite_state = lax.pmin(finite_state.astype(jnp.int32), axis_name) > 0
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & finite_state
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         new_state = TrainState(
             params=keep(new_params, state.params),
@@ -205,6 +209,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation,
         return new_state, metrics
 
     return train_step
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+              if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    return functools.reduce(jnp.logical_and, leaves, jnp.bool_(True))
 
 
 def make_eval_step(graphdef) -> Callable:

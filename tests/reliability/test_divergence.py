@@ -15,8 +15,9 @@ def test_diverging_run_stops_after_max_bad_steps_with_one_line(tmp_path):
     proc = run_cli("--model", "mlp", "--limit-train", "320", "--lr", "1e38",
                    "--max-bad-steps", "3", "--out", out)
     assert proc.returncode == 1
-    line = assert_one_line_error(proc, "3 consecutive steps had a non-finite loss or gradient",
-                                 "start a new run with a lower --lr, or check the data")
+    line = assert_one_line_error(
+        proc, "3 consecutive steps had a non-finite loss, gradient, parameter or running statistic",
+        "start a new run with a lower --lr, or check the data")
     step = int(re.search(r"stopped at step (\d+):", line).group(1))
     steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
              if r["kind"] == "step"]

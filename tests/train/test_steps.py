@@ -9,11 +9,11 @@ import pytest
 from train import models, steps
 
 
-def _setup(norm="batch", lr=1e-2):
+def _setup(norm="batch", lr=1e-2, tx=None):
     model = models.build_model("mlp", (8, 8, 1), norm=norm, seed=0, mlp_width=16, mlp_depth=2)
     graphdefs, params, rest = steps.split_model(model)
     schedule = steps.make_schedule("constant", lr, 100)
-    tx = steps.make_optimizer("adam", schedule)
+    tx = tx or steps.make_optimizer("adam", schedule)
     state = steps.init_state(params, rest, tx, seed=0)
     train_step = jax.jit(steps.make_train_step(graphdefs.train, tx, schedule))
     eval_step = jax.jit(steps.make_eval_step(graphdefs.eval))
@@ -87,6 +87,30 @@ def test_inf_gradient_is_caught_too():
     new, m = train_step(state, (x, y))
     assert not bool(m["finite"])
     assert _equal(state.params, new.params)
+
+
+def test_an_update_that_overflows_is_caught():
+    # Updates of 3.4e39 * gradient: past float32's largest value wherever
+    # |gradient| > 0.1, while the loss and gradient stay finite.
+    tx = optax.chain(optax.scale(-3.4e38), optax.scale(10.0))
+    state, train_step, _ = _setup(norm="batch", tx=tx)
+    new, m = train_step(state, _batch())
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+    assert not bool(m["finite"]) and int(m["bad_steps"]) == 1
+    assert _equal(state.params, new.params)
+    assert _equal(state.model_state, new.model_state)
+
+
+def test_running_statistics_that_overflow_are_caught(bn_setup):
+    # Inputs of ~1e20: the batch variance, ~1e40, is infinite in float32,
+    # while batch norm's outputs, the loss and the gradient stay finite.
+    state, train_step, _ = bn_setup
+    x, y = _batch()
+    new, m = train_step(state, (1e20 * x, y))
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+    assert not bool(m["finite"])
+    assert _equal(state.params, new.params)
+    assert _equal(state.model_state, new.model_state)
 
 
 def test_eval_step_ignores_padding(bn_setup):
