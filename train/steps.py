@@ -175,7 +175,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation,
         x, y = batch
         (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.model_state, x, y)
-        loss, grads = mean((loss, grads))
+        # Running statistics may differ between devices (groups that sync
+        # apart): whether all are finite travels in the gradients' all-reduce.
+        stats_finite = _all_finite(new_model_state).astype(jnp.float32)
+        loss, grads, stats_finite = mean((loss, grads, stats_finite))
         if average_model_state:
             new_model_state = mean(new_model_state)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
@@ -184,11 +187,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation,
 
         # NaN/Inf guard: a non-finite loss, gradient or new state (an update
         # that overflowed) leaves params, optimizer and running statistics as
-        # they were (a select, not a branch: the step stays one program).
-        finite_state = _all_finite((new_params, new_model_state))
-        if axis_name is not None:  # running statistics may differ between devices
-            finite_state = lax.pmin(finite_state.astype(jnp.int32), axis_name) > 0
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & finite_state
+        # they were (a select, not a branch: the step stays one program). The
+        # parameters are computed alike on every device: so is their check.
+        ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (stats_finite == 1)
+              & _all_finite(new_params))
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         new_state = TrainState(
             params=keep(new_params, state.params),
