@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test install clean
+.PHONY: train test test-oldest install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,5 +23,15 @@ train: $(STAMP)
 test: $(STAMP)
 	JAXBN_DATA=$${JAXBN_DATA:-$(abspath ../shared/data)} $(PY) -m pytest -n 2 -q
 
+# The whole suite on the oldest versions pyproject.toml allows, in a venv of
+# their own. Flax's ported tests are left out: they follow the Flax release
+# they were ported from.
+OLDEST := .venv-oldest
+test-oldest:
+	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --quiet -e '.[dev]' -c tests/oldest-versions.txt
+	JAXBN_DATA=$${JAXBN_DATA:-$(abspath ../shared/data)} $(OLDEST)/bin/python -m pytest -n 2 -q \
+	  --ignore=tests/flax_ported
+
 clean:
-	rm -rf $(VENV) .pytest_cache runs .cache
+	rm -rf $(VENV) $(OLDEST) .pytest_cache runs .cache

@@ -19,9 +19,12 @@ def test_compile_counter_counts_each_new_compilation():
         f(np.ones(7, np.float32))
         f(np.ones(7, np.float32))  # cached
         f(np.ones(8, np.float32))  # a new shape compiles again
-    assert (counter.compiles, counter.traces) == (2, 2)
+    # Each compilation traces at least once (older JAX reports more trace
+    # events per compilation); the cached call adds nothing.
+    assert counter.compiles == 2 and counter.traces >= 2
+    counted = (counter.compiles, counter.traces)
     f(np.ones(9, np.float32))  # after unregistering: not counted
-    assert counter.compiles == 2
+    assert (counter.compiles, counter.traces) == counted
 
 
 def test_slope_is_per_1000_steps():

@@ -182,9 +182,11 @@ def test_jit_steps_leave_convolutions_to_xla_on_cpu_deterministically():
     batch = _batch()
     library = _library_fusion_bodies(train_step.lower(state, batch).compile().as_text())
     default = _library_fusion_bodies(jax.jit(step_fn).lower(state, batch).compile().as_text())
-    # Dots and reductions only; XLA's default also hands over convolutions.
+    # Dots and reductions only; XLA's default also hands over convolutions
+    # in jaxlib 0.10 (0.8's left them to XLA already).
     assert library and all(re.search(r" (dot|reduce|reduce-window)\(", body) for body in library)
-    assert any(" convolution(" in body for body in default)
+    if jax.__version_info__ >= (0, 10):
+        assert any(" convolution(" in body for body in default)
     # Same step as plain jit up to summation order (float32 sums over a
     # batch of 32: well within 1e-5), and bit-identical from call to call,
     # which bit-for-bit resume relies on.
