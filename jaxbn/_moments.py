@@ -26,7 +26,8 @@ that first mean. Narrow inputs (bfloat16, float16) are widened inside each
 reduction, never as a stored copy (see :func:`separate_reads`).
 
 Cross-device. Each device reduces its own ``(n_i, mean_i, M2_i)``; a single
-``all_gather`` of that small per-feature triple lets every device combine
+``all_gather`` of that small per-feature triple (a ``psum`` of one-hot slots
+for ``axis_index_groups`` of unequal sizes) lets every device combine
 them with Chan et al.'s pairwise formula
 ``M2 = sum(M2_i + n_i * (mean_i - mean)^2)``, which is exact and
 count-weighted: devices holding different numbers of valid entries combine
@@ -268,10 +269,25 @@ def _pool_across(local: Moments, axis_name, axis_index_groups) -> Moments:
   parts = [local.count, local.mean.real, local.var]
   if is_complex:
     parts.insert(2, local.mean.imag)
-  gathered = lax.all_gather(
-      jnp.stack(parts), axis_name, axis_index_groups=axis_index_groups)
+  gathered = _gather(jnp.stack(parts), axis_name, axis_index_groups)
   mean = gathered[:, 1] + 1j * gathered[:, 2] if is_complex else gathered[:, 1]
   return pool_moments(Moments(mean=mean, var=gathered[:, -1], count=gathered[:, 0]))
+
+
+def _gather(local, axis_name, axis_index_groups):
+  """``local`` of every device of this device's group, stacked on a new axis 0.
+
+  ``all_gather`` only takes groups of one size. For groups of different
+  sizes a ``psum`` of one-hot slots gathers the same values, each device
+  writing its own slot, with zeros (a count of 0, which pools as nothing) in
+  the slots of the other groups' devices.
+  """
+  sizes = {len(g) for g in axis_index_groups or ()}
+  if len(sizes) <= 1:
+    return lax.all_gather(local, axis_name, axis_index_groups=axis_index_groups)
+  slots = jnp.zeros((lax.psum(1, axis_name),) + local.shape, local.dtype)
+  slots = slots.at[lax.axis_index(axis_name)].set(local)
+  return lax.psum(slots, axis_name, axis_index_groups=axis_index_groups)
 
 
 def _expand(v, reduction_axes):

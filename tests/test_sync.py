@@ -90,6 +90,28 @@ def test_axis_index_groups_sync_within_groups():
       np.testing.assert_allclose(state.var[d], ref.var, **TOL)
 
 
+
+def test_axis_index_groups_of_unequal_sizes():
+  # all_gather needs equal groups, psum does not (Flax's pmean divides by the
+  # first group's size there); the statistics must still be each group's own.
+  x, mask = _batch(seed=4)
+  mask = mask.copy()
+  mask[5] = False  # a device without a single valid entry
+  groups = [[1, 5], [0, 2, 3, 4, 6, 7]]
+  y, state = jax.pmap(lambda x, m: _step(x, m, axis_name='i', axis_index_groups=groups),
+                      axis_name='i')(x, mask)
+  for group in groups:
+    vals = x[group].reshape(-1, x.shape[-1]).astype(np.float64)
+    valid = mask[group].reshape(-1, x.shape[-1])
+    mean = np.array([v[m].mean() for v, m in zip(vals.T, valid.T)])
+    var = np.array([v[m].var() for v, m in zip(vals.T, valid.T)])
+    n = valid.sum(0)
+    y_ref = (x[group] - mean) / np.sqrt(var + 1e-5)
+    np.testing.assert_allclose(np.asarray(y)[group][mask[group]], y_ref[mask[group]], **TOL)
+    for d in group:
+      np.testing.assert_allclose(state.mean[d], 0.1 * mean, **TOL)
+      np.testing.assert_allclose(state.var[d], 0.9 + 0.1 * var * n / (n - 1), **TOL)
+
 @pytest.mark.parametrize('axis_type', [AxisType.Auto, AxisType.Explicit])
 def test_jit_over_sharded_batch_needs_no_axis_name(axis_type):
   x, _ = _batch(seed=3)
