@@ -132,6 +132,9 @@ class BatchNorm(nn.Module):
     Returns:
       The normalized input, same shape as ``x``.
     """
+    # Checked in every mode: an evaluation-only init or apply would otherwise
+    # accept a size that fails at the first training call.
+    _checks.virtual_batch_size(self.virtual_batch_size)
     mask = _bool_mask(mask)
 
     def train(x, state, scale, bias, *, axes, out_dtype, sync):

@@ -386,6 +386,14 @@ def test_unbiased_running_var_and_cumulative_average():
   np.testing.assert_allclose(stats['var'], var, rtol=1e-6)
 
 
+@pytest.mark.parametrize('size', [0, 1, 2.5, True])
+def test_bad_virtual_batch_size_fails_in_evaluation_too(size):
+  # Not only at the first training call, which an evaluation-only init never makes.
+  bn = BatchNorm(use_running_average=True, virtual_batch_size=size)
+  with pytest.raises(ValueError, match='virtual_batch_size must be an int >= 2'):
+    bn.init(jax.random.key(0), jnp.ones((2, 4)))
+
+
 def test_virtual_batch_size_delegates_to_ghost_batch_norm():
   x = _data((12, 4))
   bn = BatchNorm(use_running_average=False, virtual_batch_size=4, momentum=0.9)
