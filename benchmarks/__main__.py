@@ -29,10 +29,10 @@ def parse(argv):
     p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (a smoke test)")
     p.add_argument("--only", default=",".join(SECTIONS),
                    help=f"comma-separated sections (default: all of {','.join(SECTIONS)})")
-    p.add_argument("--repeats", type=int,
+    p.add_argument("--repeats", type=_positive_int,
                    help="timed calls per alternative (default 12, 4x that in the BN tables; "
                         "quick 2)")
-    p.add_argument("--rounds", type=int, help="rounds of worker processes (default 3; quick 1)")
+    p.add_argument("--rounds", type=_positive_int, help="rounds of worker processes (default 3; quick 1)")
     p.add_argument("--gpu", action="store_true", help="fail unless JAX's default backend is a GPU")
     p.add_argument("--write-results", nargs="?", const=str(HERE), metavar="DIR",
                    help="write RESULTS.md, bn_times.png and results.json to DIR "
@@ -49,6 +49,18 @@ def parse(argv):
             # Checked before the run: a full one takes about 20 minutes.
             p.error(f"--write-results {args.write_results}: {problem}; choose another folder")
     return args
+
+
+def _positive_int(text: str) -> int:
+    # 0 would silently mean the default (``args.repeats or ...``), and fewer
+    # than one timed call has no median: refused before the run.
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _unwritable(directory: Path) -> str | None:

@@ -70,6 +70,17 @@ def test_bad_options_fail_fast():
     assert "unknown section(s) nope" in proc.stderr
 
 
+@pytest.mark.parametrize("option", ["--repeats", "--rounds"])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_counts_below_one_fail_fast(option, value):
+    # 0 used to mean the default silently; a negative count ran every
+    # section and then had no median to report.
+    proc = _run("--quick", "--only", "pool", f"{option}={value}", timeout=60)
+    assert proc.returncode == 2
+    assert f"argument {option}: must be at least 1" in proc.stderr
+    assert "backend" not in proc.stdout  # nothing was timed
+
+
 def test_unwritable_results_folder_fails_before_timing(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
