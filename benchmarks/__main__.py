@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 
 SECTIONS = ("bn", "pool", "torch", "cnn", "alloc", "threads", "scaling")
+# The sections whose worker processes include PyTorch's.
+TORCH_SECTIONS = ("torch", "cnn", "alloc", "threads")
 HERE = Path(__file__).resolve().parent
 
 
@@ -91,6 +93,16 @@ def main(argv=None) -> int:
     quick = args.quick
     repeats = args.repeats or (2 if quick else 12)
     rounds = args.rounds or (1 if quick else 3)
+    jobs = worker_jobs(args.only, quick, repeats, backend)
+    if any(job.module == procs.TORCH_WORKER for job in jobs.values()):
+        problem = procs.torch_problem("cpu" if backend == "cpu" else "cuda")
+        if problem:
+            # Refused before the JAX sections: those take minutes.
+            needs = ",".join(s for s in args.only if s in TORCH_SECTIONS)
+            rest = ",".join(s for s in args.only if s not in TORCH_SECTIONS) or "bn,pool,scaling"
+            print(f"{problem}; the sections {needs} time PyTorch: install it "
+                  f"(pip install -e '.[dev]') or run --only {rest}", file=sys.stderr)
+            return 2
     meta = report.meta(args, quick, repeats, rounds)
     sections: list[tuple[str, str]] = []
     results: dict = {"quick": quick}
@@ -109,7 +121,6 @@ def main(argv=None) -> int:
         emit(f"CNN pools: {cnn.REFERENCE} vs {cnn.TRAIN_VARIANT}, median of jit(grad) "
              f"(speedup = {cnn.REFERENCE} / {cnn.TRAIN_VARIANT})",
              cnn.pool_table(cnn.run_pools(quick, repeats)))
-    jobs = worker_jobs(args.only, quick, repeats, backend)
     if jobs:
         print(f"\nworker processes ({rounds} round(s)):", flush=True)
         runs = procs.rotate(jobs, rounds)
@@ -137,7 +148,7 @@ ALONE_JOBS = {"JAX": "JAX, python -m train's step alone",
 
 def worker_jobs(only, quick: bool, repeats: int, backend: str) -> dict:
     """The worker processes the selected sections need, by row name."""
-    from benchmarks.procs import ALLOCATOR_ENVS, Job
+    from benchmarks.procs import ALLOCATOR_ENVS, TORCH_WORKER, Job
 
     tasks = [task for section, task in (("torch", "bn"), ("cnn", "cnn"), ("cnn", "layers"))
              if section in only]
@@ -150,7 +161,7 @@ def worker_jobs(only, quick: bool, repeats: int, backend: str) -> dict:
     spec = {"tasks": tasks, "quick": quick, "repeats": repeats}
     torch_spec = dict(spec, device="cpu" if cpu else "cuda")
     jax_job = lambda spec=spec, **kw: Job("benchmarks.jax_worker", spec, **kw)
-    torch_job = lambda spec=torch_spec, **kw: Job("benchmarks.torch_worker", spec, **kw)
+    torch_job = lambda spec=torch_spec, **kw: Job(TORCH_WORKER, spec, **kw)
     jobs = {"JAX": jax_job(), "PyTorch": torch_job()}
     if "cnn" in tasks and cpu:
         jobs[TRAIN_JOB] = jax_job(dict(spec, tasks=["cnn"], train_malloc=True))

@@ -63,6 +63,26 @@ def environment(name: str) -> dict[str, str]:
     return env
 
 
+TORCH_WORKER = "benchmarks.torch_worker"
+
+
+def torch_problem(device: str) -> str | None:
+    """Why the PyTorch worker could not run on ``device`` ('cpu' or 'cuda'); None if it can.
+
+    Asked in a process like the workers' before anything is timed: the
+    PyTorch processes come after minutes of JAX timings.
+    """
+    proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env=environment("default"))
+    if proc.returncode:
+        lines = proc.stderr.strip().splitlines()
+        return f"PyTorch does not import ({lines[-1] if lines else f'exit status {proc.returncode}'})"
+    if device == "cuda" and proc.stdout.strip() != "True":
+        return "PyTorch sees no CUDA device (a CPU-only build of torch?)"
+    return None
+
+
 def run(job: Job, timeout: float = 1800) -> dict:
     proc = subprocess.run([sys.executable, "-m", job.module, json.dumps(job.spec)],
                           capture_output=True, text=True, cwd=ROOT, timeout=timeout,

@@ -13,10 +13,10 @@ from benchmarks import batches
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(*args, timeout=600):
+def _run(*args, timeout=600, **env_vars):
     # A fresh process, as users run it, without the 8 simulated devices of
     # the test configuration.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | env_vars
     return subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -88,6 +88,19 @@ def test_unwritable_results_folder_fails_before_timing(tmp_path):
     assert proc.returncode == 2
     assert "--write-results" in proc.stderr and "choose another folder" in proc.stderr
     assert "backend" not in proc.stdout  # nothing was timed
+
+
+def test_missing_torch_fails_before_timing(tmp_path):
+    # A torch that does not import, as where only jaxbn[train] is installed:
+    # the PyTorch workers would fail only after the JAX sections ran.
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+    proc = _run("--quick", "--only", "bn,torch,scaling", timeout=120, PYTHONPATH=str(tmp_path))
+    assert proc.returncode == 2
+    assert "No module named 'torch'" in proc.stderr
+    assert "--only bn,scaling" in proc.stderr  # what still runs without it
+    assert "round 1/1" not in proc.stdout and "## BN" not in proc.stdout  # nothing was timed
 
 
 def test_gpu_flag_without_gpu_names_the_fix():
