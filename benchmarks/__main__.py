@@ -118,9 +118,10 @@ def main(argv=None) -> int:
         for title, body in bn.tables(results["bn"]):
             emit(title, body)
     if "pool" in args.only:
+        results["pool"] = cnn.run_pools(quick, repeats)
         emit(f"CNN pools: {cnn.REFERENCE} vs {cnn.TRAIN_VARIANT}, median of jit(grad) "
              f"(speedup = {cnn.REFERENCE} / {cnn.TRAIN_VARIANT})",
-             cnn.pool_table(cnn.run_pools(quick, repeats)))
+             cnn.pool_table(results["pool"]))
     if jobs:
         print(f"\nworker processes ({rounds} round(s)):", flush=True)
         runs = procs.rotate(jobs, rounds)

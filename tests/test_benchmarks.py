@@ -51,6 +51,18 @@ def test_quick_run_writes_results_and_plot(quick_run):
     assert raw["meta"]["quick"] and "bn" in raw["results"]
 
 
+def test_results_json_holds_the_pool_times(tmp_path):
+    # results.json keeps the raw numbers of every table RESULTS.md shows.
+    proc = _run("--quick", "--only", "pool", "--repeats", "1", "--write-results", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    pools = json.loads((tmp_path / "results.json").read_text())["results"]["pool"]
+    assert len(pools) == 2
+    for case, times in pools.items():
+        assert case in (tmp_path / "RESULTS.md").read_text()
+        assert set(times) == {"nnx.max_pool", "train.pool.max_pool"}
+        assert all(t > 0 for t in times.values())
+
+
 def test_workers_print_one_json_line():
     spec = json.dumps({"tasks": ["bn", "layers"], "quick": True, "repeats": 1, "device": "cpu"})
     proc = subprocess.run([sys.executable, "-m", "benchmarks.torch_worker", spec], cwd=ROOT,
