@@ -78,6 +78,9 @@ def soak(total_steps: int, *, warmup: int | None = None, every: int = 100,
 
     dataset = data.load("digits")
     spe = data.steps_per_epoch(len(dataset.x_train), batch_size)
+    if spe == 0:  # no full batch: every epoch would be empty, and the run endless
+        raise ValueError(f"--batch-size {batch_size} is larger than the "
+                         f"{len(dataset.x_train)} training examples")
     one_epoch = warmup is None
     warmup = spe if one_epoch else warmup
     # Checked before training: the measurements start at the warm-up's last step.

@@ -51,6 +51,10 @@ def test_fifty_steps_after_warm_up_compile_nothing(tmp_path):
     assert r["rss_end_mib"] > 0 and len(r["samples"]) == 7  # at 22, 27, ..., 47, and 50
 
 
+def _no_training(*args, **kwargs):
+    raise AssertionError("trained before checking the arguments")
+
+
 @pytest.mark.parametrize("steps, warmup, message", [
     (5, 0, "--warmup 0: must be at least 1"),
     (5, 6, "--steps 5 ends before the warm-up of 6 steps"),
@@ -59,8 +63,13 @@ def test_fifty_steps_after_warm_up_compile_nothing(tmp_path):
 def test_a_warm_up_outside_the_run_is_refused_before_training(monkeypatch, steps, warmup,
                                                              message):
     # --warmup 0 used to train every step and then blame the run's length.
-    def no_training(*args, **kwargs):
-        raise AssertionError("trained before checking the warm-up")
-    monkeypatch.setattr("train.models.build_model", no_training)
+    monkeypatch.setattr("train.models.build_model", _no_training)
     with pytest.raises(ValueError, match=re.escape(message)):
         soak.soak(steps, warmup=warmup, batch_size=32)
+
+
+def test_a_batch_larger_than_the_data_is_refused(monkeypatch):
+    # With no full batch, every epoch was empty and the step loop never ended.
+    monkeypatch.setattr("train.models.build_model", _no_training)
+    with pytest.raises(ValueError, match="--batch-size 5000 is larger than the"):
+        soak.soak(5, warmup=1, batch_size=5000)
