@@ -63,6 +63,28 @@ def test_results_json_holds_the_pool_times(tmp_path):
         assert all(t > 0 for t in times.values())
 
 
+def test_bn_tables_name_their_units():
+    # Synthetic numbers: every BN table's title or headers say what its
+    # cells measure.
+    from benchmarks import bn
+
+    names = list(bn.IMPLEMENTATIONS)
+    mode = {"times": {n: 1e-5 * (i + 1) for i, n in enumerate(names)},
+            "faults": dict.fromkeys(names, 0.0), "floor": 5e-4}
+    entry = {"config": {"name": "NHWC f32", "shape": [8, 8, 8, 16], "dtype": "float32"},
+             "bandwidths": {"copy (x + 1)": 20e9, "donated add": 40e9},
+             "modes": dict.fromkeys(bn.MODES, mode),
+             "memory": {n: {"temp": 0, "argument": 2**20, "output": 2**20} for n in names}}
+    tables = dict(bn.tables({"configs": [entry]}))
+    title = next(t for t in tables if "effective bandwidth" in t)
+    assert "GB/s" in title and "share of the best copy bandwidth" in title
+    # jaxbn: 5 passes of 32 KiB in 10 us, 16 GB/s, 41% of the best copy's 40 GB/s.
+    assert tables[title].splitlines()[2].startswith("| jaxbn ")
+    assert "| 16 (41%)" in tables[title].splitlines()[2]
+    for t in tables:
+        assert any(unit in t for unit in ("median time", "MiB", "GB/s")), t
+
+
 def test_workers_print_one_json_line():
     spec = json.dumps({"tasks": ["bn", "layers"], "quick": True, "repeats": 1, "device": "cpu"})
     proc = subprocess.run([sys.executable, "-m", "benchmarks.torch_worker", spec], cwd=ROOT,
