@@ -85,6 +85,18 @@ def test_bn_tables_name_their_units():
         assert any(unit in t for unit in ("median time", "MiB", "GB/s")), t
 
 
+@pytest.mark.parametrize("steps", [[0.01, 0.03], [0.01, 0.03, 0.02], [0.04, 0.01, 0.03, 0.02]])
+def test_worker_medians_keep_images_per_second_the_batch_over_the_step(steps):
+    # --rounds 2: the median of 8/0.01 and 8/0.03 images/s is not 8 over
+    # the median step (0.02 s), which the same table row printed next to it.
+    from benchmarks import procs
+
+    rounds = [{"cnn": {"NCHW": {"step": s, "images_per_second": 8 / s, "first_step": 1.0}}}
+              for s in steps]
+    r = procs._median_tree(rounds)["cnn"]["NCHW"]
+    assert r["images_per_second"] == pytest.approx(8 / r["step"], rel=1e-12)
+
+
 def test_workers_print_one_json_line():
     spec = json.dumps({"tasks": ["bn", "layers"], "quick": True, "repeats": 1, "device": "cpu"})
     proc = subprocess.run([sys.executable, "-m", "benchmarks.torch_worker", spec], cwd=ROOT,
