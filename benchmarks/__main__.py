@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 
 SECTIONS = ("bn", "pool", "torch", "cnn", "alloc", "threads", "scaling")
+# The sections whose worker processes include PyTorch's.
+TORCH_SECTIONS = ("torch", "cnn", "alloc", "threads")
 HERE = Path(__file__).resolve().parent
 
 
@@ -29,10 +31,10 @@ def parse(argv):
     p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (a smoke test)")
     p.add_argument("--only", default=",".join(SECTIONS),
                    help=f"comma-separated sections (default: all of {','.join(SECTIONS)})")
-    p.add_argument("--repeats", type=int,
+    p.add_argument("--repeats", type=_positive_int,
                    help="timed calls per alternative (default 12, 4x that in the BN tables; "
                         "quick 2)")
-    p.add_argument("--rounds", type=int, help="rounds of worker processes (default 3; quick 1)")
+    p.add_argument("--rounds", type=_positive_int, help="rounds of worker processes (default 3; quick 1)")
     p.add_argument("--gpu", action="store_true", help="fail unless JAX's default backend is a GPU")
     p.add_argument("--write-results", nargs="?", const=str(HERE), metavar="DIR",
                    help="write RESULTS.md, bn_times.png and results.json to DIR "
@@ -49,6 +51,18 @@ def parse(argv):
             # Checked before the run: a full one takes about 20 minutes.
             p.error(f"--write-results {args.write_results}: {problem}; choose another folder")
     return args
+
+
+def _positive_int(text: str) -> int:
+    # 0 would silently mean the default (``args.repeats or ...``), and fewer
+    # than one timed call has no median: refused before the run.
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _unwritable(directory: Path) -> str | None:
@@ -79,6 +93,16 @@ def main(argv=None) -> int:
     quick = args.quick
     repeats = args.repeats or (2 if quick else 12)
     rounds = args.rounds or (1 if quick else 3)
+    jobs = worker_jobs(args.only, quick, repeats, backend)
+    if any(job.module == procs.TORCH_WORKER for job in jobs.values()):
+        problem = procs.torch_problem("cpu" if backend == "cpu" else "cuda")
+        if problem:
+            # Refused before the JAX sections: those take minutes.
+            needs = ",".join(s for s in args.only if s in TORCH_SECTIONS)
+            rest = ",".join(s for s in args.only if s not in TORCH_SECTIONS) or "bn,pool,scaling"
+            print(f"{problem}; the sections {needs} time PyTorch: install it "
+                  f"(pip install -e '.[dev]') or run --only {rest}", file=sys.stderr)
+            return 2
     meta = report.meta(args, quick, repeats, rounds)
     sections: list[tuple[str, str]] = []
     results: dict = {"quick": quick}
@@ -94,10 +118,10 @@ def main(argv=None) -> int:
         for title, body in bn.tables(results["bn"]):
             emit(title, body)
     if "pool" in args.only:
+        results["pool"] = cnn.run_pools(quick, repeats)
         emit(f"CNN pools: {cnn.REFERENCE} vs {cnn.TRAIN_VARIANT}, median of jit(grad) "
              f"(speedup = {cnn.REFERENCE} / {cnn.TRAIN_VARIANT})",
-             cnn.pool_table(cnn.run_pools(quick, repeats)))
-    jobs = worker_jobs(args.only, quick, repeats, backend)
+             cnn.pool_table(results["pool"]))
     if jobs:
         print(f"\nworker processes ({rounds} round(s)):", flush=True)
         runs = procs.rotate(jobs, rounds)
@@ -125,7 +149,7 @@ ALONE_JOBS = {"JAX": "JAX, python -m train's step alone",
 
 def worker_jobs(only, quick: bool, repeats: int, backend: str) -> dict:
     """The worker processes the selected sections need, by row name."""
-    from benchmarks.procs import ALLOCATOR_ENVS, Job
+    from benchmarks.procs import ALLOCATOR_ENVS, TORCH_WORKER, Job
 
     tasks = [task for section, task in (("torch", "bn"), ("cnn", "cnn"), ("cnn", "layers"))
              if section in only]
@@ -138,7 +162,7 @@ def worker_jobs(only, quick: bool, repeats: int, backend: str) -> dict:
     spec = {"tasks": tasks, "quick": quick, "repeats": repeats}
     torch_spec = dict(spec, device="cpu" if cpu else "cuda")
     jax_job = lambda spec=spec, **kw: Job("benchmarks.jax_worker", spec, **kw)
-    torch_job = lambda spec=torch_spec, **kw: Job("benchmarks.torch_worker", spec, **kw)
+    torch_job = lambda spec=torch_spec, **kw: Job(TORCH_WORKER, spec, **kw)
     jobs = {"JAX": jax_job(), "PyTorch": torch_job()}
     if "cnn" in tasks and cpu:
         jobs[TRAIN_JOB] = jax_job(dict(spec, tasks=["cnn"], train_malloc=True))

@@ -252,7 +252,8 @@ def tables(results: dict) -> list[tuple[str, str]]:
             for e in entries for name, m in e["memory"].items()]
     out.append(("BN train fwd+bwd: XLA memory_analysis (MiB)",
                 timing.table(["config", "implementation", "temp", "argument", "output"], rows)))
-    out.append(("BN train fwd+bwd: effective bandwidth (the floor's bytes / median time)",
+    out.append(("BN train fwd+bwd: effective bandwidth in GB/s (the floor's bytes / median "
+                "time) and its share of the best copy bandwidth",
                 bandwidth_table(entries)))
     kinds = list(entries[0]["bandwidths"])
     rows = [[e["config"]["name"], str(tuple(e["config"]["shape"]))] +

@@ -63,6 +63,26 @@ def environment(name: str) -> dict[str, str]:
     return env
 
 
+TORCH_WORKER = "benchmarks.torch_worker"
+
+
+def torch_problem(device: str) -> str | None:
+    """Why the PyTorch worker could not run on ``device`` ('cpu' or 'cuda'); None if it can.
+
+    Asked in a process like the workers' before anything is timed: the
+    PyTorch processes come after minutes of JAX timings.
+    """
+    proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env=environment("default"))
+    if proc.returncode:
+        lines = proc.stderr.strip().splitlines()
+        return f"PyTorch does not import ({lines[-1] if lines else f'exit status {proc.returncode}'})"
+    if device == "cuda" and proc.stdout.strip() != "True":
+        return "PyTorch sees no CUDA device (a CPU-only build of torch?)"
+    return None
+
+
 def run(job: Job, timeout: float = 1800) -> dict:
     proc = subprocess.run([sys.executable, "-m", job.module, json.dumps(job.spec)],
                           capture_output=True, text=True, cwd=ROOT, timeout=timeout,
@@ -86,7 +106,13 @@ def _median_tree(results: list):
     """Element-wise median of equally shaped JSON results (other leaves: the first's)."""
     first = results[0]
     if isinstance(first, dict):
-        return {k: _median_tree([r[k] for r in results]) for k in first}
+        out = {k: _median_tree([r[k] for r in results]) for k in first}
+        if "step" in out and "images_per_second" in out:
+            # The rate of the median step, not the median rate: over an even
+            # number of rounds the two differ (each averages its middle two),
+            # and the tables show both side by side and compare speeds.
+            out["images_per_second"] = first["images_per_second"] * first["step"] / out["step"]
+        return out
     if isinstance(first, (int, float)) and not isinstance(first, bool):
         return statistics.median(results)
     return first

@@ -78,7 +78,17 @@ def soak(total_steps: int, *, warmup: int | None = None, every: int = 100,
 
     dataset = data.load("digits")
     spe = data.steps_per_epoch(len(dataset.x_train), batch_size)
-    warmup = spe if warmup is None else warmup
+    if spe == 0:  # no full batch: every epoch would be empty, and the run endless
+        raise ValueError(f"--batch-size {batch_size} is larger than the "
+                         f"{len(dataset.x_train)} training examples")
+    one_epoch = warmup is None
+    warmup = spe if one_epoch else warmup
+    # Checked before training: the measurements start at the warm-up's last step.
+    if warmup < 1:
+        raise ValueError(f"--warmup {warmup}: must be at least 1 (the first step compiles)")
+    if warmup > total_steps:
+        raise ValueError(f"--steps {total_steps} ends before the warm-up of {warmup} steps"
+                         + (" (one epoch; set --warmup)" if one_epoch else ""))
     counter = CompileCounter()
     at_warmup: dict = {}
     samples: list[tuple[int, float]] = []
@@ -112,8 +122,6 @@ def soak(total_steps: int, *, warmup: int | None = None, every: int = 100,
                     break
             epoch += 1
     end = time.perf_counter()
-    if not at_warmup:
-        raise ValueError(f"--steps {total_steps} ends before the warm-up of {warmup} steps")
     if samples[-1][0] != step:
         samples.append((step, rss_mib()))
     timed = step - at_warmup["step"]

@@ -69,7 +69,9 @@ def execute(path, out=None, *, quick: bool = False, timeout: int = 900,
     """Run every cell of notebook ``path``; write the result to ``out`` (default: in place).
 
     Raises ``nbclient.exceptions.CellExecutionError`` on the first failing
-    cell (the partly executed notebook is still written). Returns seconds.
+    cell (the partly executed notebook is still written, without outputs in
+    the cells it did not reach; where no cell ran, e.g. the kernel did not
+    start, nothing is written). Returns seconds.
     """
     import nbformat
     from nbclient import NotebookClient
@@ -77,23 +79,36 @@ def execute(path, out=None, *, quick: bool = False, timeout: int = 900,
     path = Path(path)
     out = Path(out) if out is not None else path
     nb = nbformat.read(path, as_version=4)
+    started: list[int] = []  # the indices of the cells this run reached
     client = NotebookClient(
         nb, timeout=timeout, kernel_name="python3", allow_errors=False, startup_timeout=300,
-        resources={"metadata": {"path": str(cwd or path.parent)}})
+        resources={"metadata": {"path": str(cwd or path.parent)}},
+        on_cell_start=lambda cell, cell_index: started.append(cell_index))
     t0 = time.perf_counter()
+    executed = {"mode": "quick" if quick else "full"}
     try:
         with venv_kernel():
             client.execute(env=kernel_env(quick))
+    except BaseException as e:
+        if not started:
+            raise
+        # The cells after the failing one keep an earlier run's outputs otherwise.
+        for cell in nb.cells[started[-1] + 1:]:
+            if cell.cell_type == "code":
+                cell.outputs, cell.execution_count = [], None
+        executed["failed"] = f"{type(e).__name__} in cell {started[-1]}"
+        raise
     finally:
         seconds = time.perf_counter() - t0
-        nb.metadata.setdefault("jaxbn", {})["executed"] = {
-            "mode": "quick" if quick else "full", "seconds": round(seconds, 1)}
-        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)",
-                                     "language": "python"}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        nbformat.write(nb, tmp)
-        os.replace(tmp, out)
+        if started:
+            executed["seconds"] = round(seconds, 1)
+            nb.metadata.setdefault("jaxbn", {})["executed"] = executed
+            nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)",
+                                         "language": "python"}
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.tmp")
+            nbformat.write(nb, tmp)
+            os.replace(tmp, out)
     return seconds
 
 

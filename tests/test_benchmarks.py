@@ -13,10 +13,10 @@ from benchmarks import batches
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(*args, timeout=600):
+def _run(*args, timeout=600, **env_vars):
     # A fresh process, as users run it, without the 8 simulated devices of
     # the test configuration.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | env_vars
     return subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -51,6 +51,52 @@ def test_quick_run_writes_results_and_plot(quick_run):
     assert raw["meta"]["quick"] and "bn" in raw["results"]
 
 
+def test_results_json_holds_the_pool_times(tmp_path):
+    # results.json keeps the raw numbers of every table RESULTS.md shows.
+    proc = _run("--quick", "--only", "pool", "--repeats", "1", "--write-results", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    pools = json.loads((tmp_path / "results.json").read_text())["results"]["pool"]
+    assert len(pools) == 2
+    for case, times in pools.items():
+        assert case in (tmp_path / "RESULTS.md").read_text()
+        assert set(times) == {"nnx.max_pool", "train.pool.max_pool"}
+        assert all(t > 0 for t in times.values())
+
+
+def test_bn_tables_name_their_units():
+    # Synthetic numbers: every BN table's title or headers say what its
+    # cells measure.
+    from benchmarks import bn
+
+    names = list(bn.IMPLEMENTATIONS)
+    mode = {"times": {n: 1e-5 * (i + 1) for i, n in enumerate(names)},
+            "faults": dict.fromkeys(names, 0.0), "floor": 5e-4}
+    entry = {"config": {"name": "NHWC f32", "shape": [8, 8, 8, 16], "dtype": "float32"},
+             "bandwidths": {"copy (x + 1)": 20e9, "donated add": 40e9},
+             "modes": dict.fromkeys(bn.MODES, mode),
+             "memory": {n: {"temp": 0, "argument": 2**20, "output": 2**20} for n in names}}
+    tables = dict(bn.tables({"configs": [entry]}))
+    title = next(t for t in tables if "effective bandwidth" in t)
+    assert "GB/s" in title and "share of the best copy bandwidth" in title
+    # jaxbn: 5 passes of 32 KiB in 10 us, 16 GB/s, 41% of the best copy's 40 GB/s.
+    assert tables[title].splitlines()[2].startswith("| jaxbn ")
+    assert "| 16 (41%)" in tables[title].splitlines()[2]
+    for t in tables:
+        assert any(unit in t for unit in ("median time", "MiB", "GB/s")), t
+
+
+@pytest.mark.parametrize("steps", [[0.01, 0.03], [0.01, 0.03, 0.02], [0.04, 0.01, 0.03, 0.02]])
+def test_worker_medians_keep_images_per_second_the_batch_over_the_step(steps):
+    # --rounds 2: the median of 8/0.01 and 8/0.03 images/s is not 8 over
+    # the median step (0.02 s), which the same table row printed next to it.
+    from benchmarks import procs
+
+    rounds = [{"cnn": {"NCHW": {"step": s, "images_per_second": 8 / s, "first_step": 1.0}}}
+              for s in steps]
+    r = procs._median_tree(rounds)["cnn"]["NCHW"]
+    assert r["images_per_second"] == pytest.approx(8 / r["step"], rel=1e-12)
+
+
 def test_workers_print_one_json_line():
     spec = json.dumps({"tasks": ["bn", "layers"], "quick": True, "repeats": 1, "device": "cpu"})
     proc = subprocess.run([sys.executable, "-m", "benchmarks.torch_worker", spec], cwd=ROOT,
@@ -70,6 +116,17 @@ def test_bad_options_fail_fast():
     assert "unknown section(s) nope" in proc.stderr
 
 
+@pytest.mark.parametrize("option", ["--repeats", "--rounds"])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_counts_below_one_fail_fast(option, value):
+    # 0 used to mean the default silently; a negative count ran every
+    # section and then had no median to report.
+    proc = _run("--quick", "--only", "pool", f"{option}={value}", timeout=60)
+    assert proc.returncode == 2
+    assert f"argument {option}: must be at least 1" in proc.stderr
+    assert "backend" not in proc.stdout  # nothing was timed
+
+
 def test_unwritable_results_folder_fails_before_timing(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -77,6 +134,19 @@ def test_unwritable_results_folder_fails_before_timing(tmp_path):
     assert proc.returncode == 2
     assert "--write-results" in proc.stderr and "choose another folder" in proc.stderr
     assert "backend" not in proc.stdout  # nothing was timed
+
+
+def test_missing_torch_fails_before_timing(tmp_path):
+    # A torch that does not import, as where only jaxbn[train] is installed:
+    # the PyTorch workers would fail only after the JAX sections ran.
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+    proc = _run("--quick", "--only", "bn,torch,scaling", timeout=120, PYTHONPATH=str(tmp_path))
+    assert proc.returncode == 2
+    assert "No module named 'torch'" in proc.stderr
+    assert "--only bn,scaling" in proc.stderr  # what still runs without it
+    assert "round 1/1" not in proc.stdout and "## BN" not in proc.stdout  # nothing was timed
 
 
 def test_gpu_flag_without_gpu_names_the_fix():

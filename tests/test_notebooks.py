@@ -76,3 +76,45 @@ def test_notebook_runs_in_quick_mode(path, tmp_path, monkeypatch):
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert images, f"{path.name} drew no figure"
+
+
+def _tiny_notebook(path, sources, stale_output="from an earlier run\n"):
+    """A notebook of code cells, each holding an earlier run's stdout."""
+    import nbformat
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src, execution_count=i + 1, outputs=[
+        nbformat.v4.new_output("stream", name="stdout", text=stale_output)])
+        for i, src in enumerate(sources)]
+    nbformat.write(nb, path)
+
+
+def test_a_failing_notebook_keeps_no_outputs_of_an_earlier_run(tmp_path):
+    # The partly executed notebook is written: the cells after the failing
+    # one must not show the outputs of another run, and the metadata says
+    # where it stopped.
+    import nbclient
+    import nbformat
+    run = _load("jaxbn_notebook_runner", NOTEBOOKS / "run.py")
+    source, out = tmp_path / "nb.ipynb", tmp_path / "out" / "nb.ipynb"
+    _tiny_notebook(source, ["print('one')", "1 / 0", "print('three')"])
+    with pytest.raises(nbclient.exceptions.CellExecutionError):
+        run.execute(source, out, quick=True, timeout=60)
+    cells = nbformat.read(out, as_version=4).cells
+    assert cells[0].outputs[0].text == "one\n"
+    assert cells[1].outputs[0].output_type == "error"
+    assert cells[2].outputs == [] and cells[2].execution_count is None
+    executed = nbformat.read(out, as_version=4).metadata.jaxbn.executed
+    assert executed["failed"] == "CellExecutionError in cell 1"
+
+
+def test_a_kernel_that_does_not_start_leaves_the_notebook_alone(tmp_path, monkeypatch):
+    import nbformat
+    run = _load("jaxbn_notebook_runner", NOTEBOOKS / "run.py")
+    source = tmp_path / "nb.ipynb"
+    _tiny_notebook(source, ["print('one')"])
+    before = source.read_bytes()
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    with pytest.raises(Exception):
+        run.execute(source, quick=True, timeout=60)
+    assert source.read_bytes() == before  # not marked as executed
+    assert nbformat.read(source, as_version=4).cells[0].outputs[0].text == "from an earlier run\n"

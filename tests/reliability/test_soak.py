@@ -1,6 +1,7 @@
 """The soak benchmark: its compile counter works, and steady training never recompiles."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 
 from reliability_helpers import REPO, cli_env
 
+from benchmarks import soak
 from benchmarks.soak import CompileCounter, slope_per_1000
 
 
@@ -47,3 +49,27 @@ def test_fifty_steps_after_warm_up_compile_nothing(tmp_path):
     assert r["compiles_after_warmup"] == 0 and r["traces_after_warmup"] == 0
     assert "after warm-up: 0 compilations, 0 traces" in proc.stdout
     assert r["rss_end_mib"] > 0 and len(r["samples"]) == 7  # at 22, 27, ..., 47, and 50
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("trained before checking the arguments")
+
+
+@pytest.mark.parametrize("steps, warmup, message", [
+    (5, 0, "--warmup 0: must be at least 1"),
+    (5, 6, "--steps 5 ends before the warm-up of 6 steps"),
+    (5, None, "--steps 5 ends before the warm-up of 44 steps (one epoch; set --warmup)"),
+])
+def test_a_warm_up_outside_the_run_is_refused_before_training(monkeypatch, steps, warmup,
+                                                             message):
+    # --warmup 0 used to train every step and then blame the run's length.
+    monkeypatch.setattr("train.models.build_model", _no_training)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        soak.soak(steps, warmup=warmup, batch_size=32)
+
+
+def test_a_batch_larger_than_the_data_is_refused(monkeypatch):
+    # With no full batch, every epoch was empty and the step loop never ended.
+    monkeypatch.setattr("train.models.build_model", _no_training)
+    with pytest.raises(ValueError, match="--batch-size 5000 is larger than the"):
+        soak.soak(5, warmup=1, batch_size=5000)
