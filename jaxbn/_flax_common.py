@@ -24,6 +24,11 @@ def floating_input(x):
   return x.astype(jnp.promote_types(jnp.float32, x.dtype))
 
 
+def bool_mask(mask):
+  """``mask`` as booleans (None stays None): Flax takes 0/1 masks as well."""
+  return None if mask is None else jnp.asarray(mask, dtype=bool)
+
+
 def feature_axes(axis, ndim: int) -> tuple[int, ...]:
   return _checks.canonical_axes(axis, ndim)
 

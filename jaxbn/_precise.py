@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 
-from jaxbn._flax_common import floating_input
+from jaxbn._flax_common import bool_mask, floating_input
 from jaxbn._functional import _running_variance, moments
 from jaxbn._moments import Moments
 from jaxbn._moments import pool_moments
@@ -305,8 +305,7 @@ def precise_bn_linen(module, variables, batches: Iterable, *,
 def _input_moments(x, axis, mask) -> Moments:
   """A batch norm's input moments, with ``x`` and ``mask`` taken as the
   layers take them: integer inputs as float32, 0/1 masks as booleans."""
-  return moments(floating_input(x), axis=axis,
-                 mask=None if mask is None else jnp.asarray(mask, bool))
+  return moments(floating_input(x), axis=axis, mask=bool_mask(mask))
 
 
 def _accumulate(totals: dict, key, m: Moments) -> None:

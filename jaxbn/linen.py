@@ -135,7 +135,7 @@ class BatchNorm(nn.Module):
     # Checked in every mode: an evaluation-only init or apply would otherwise
     # accept a size that fails at the first training call.
     _checks.virtual_batch_size(self.virtual_batch_size)
-    mask = _bool_mask(mask)
+    mask = _flax_common.bool_mask(mask)
 
     def train(x, state, scale, bias, *, axes, out_dtype, sync):
       return batch_norm(
@@ -228,7 +228,7 @@ class BatchRenorm(nn.Module):
       The normalized input, same shape as ``x``.
     """
     _flax_common.check_renorm_limits(self.r_max, self.d_max)
-    mask = _bool_mask(mask)
+    mask = _flax_common.bool_mask(mask)
 
     def train(x, state, scale, bias, *, axes, out_dtype, sync):
       r_max, d_max = _flax_common.renorm_limits(self.r_max, self.d_max, state.count)
@@ -288,7 +288,7 @@ class LayerNorm(nn.Module):
     scale, bias, out_dtype = _affine_params(self, x, tuple(x.shape[a] for a in axes))
     return layer_norm(x, scale, bias, reduction_axes=self.reduction_axes,
                       feature_axes=axes, epsilon=self.epsilon,
-                      mask=_bool_mask(mask), dtype=out_dtype,
+                      mask=_flax_common.bool_mask(mask), dtype=out_dtype,
                       axis_name=self.axis_name,
                       axis_index_groups=self.axis_index_groups)
 
@@ -338,7 +338,7 @@ class GroupNorm(nn.Module):
     return _flax_common.group_norm_call(
         x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
         reduction_axes=self.reduction_axes, epsilon=self.epsilon,
-        mask=_bool_mask(mask), dtype=out_dtype, axis_name=self.axis_name,
+        mask=_flax_common.bool_mask(mask), dtype=out_dtype, axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups)
 
 
@@ -384,7 +384,7 @@ class InstanceNorm(nn.Module):
           'put the batch first (e.g. NHWC with feature_axes=-1).')
     scale, bias, out_dtype = _affine_params(self, x, tuple(x.shape[a] for a in axes))
     return instance_norm(x, scale, bias, feature_axes=axes, epsilon=self.epsilon,
-                         mask=_bool_mask(mask), dtype=out_dtype,
+                         mask=_flax_common.bool_mask(mask), dtype=out_dtype,
                          axis_name=self.axis_name,
                          axis_index_groups=self.axis_index_groups)
 
@@ -533,8 +533,3 @@ def _affine_params(mdl, x, shape):
   if mdl.use_bias:
     bias = mdl.param('bias', mdl.bias_init, shape, mdl.param_dtype)
   return scale, bias, dtypes.canonicalize_dtype(x, scale, bias, dtype=mdl.dtype)
-
-
-def _bool_mask(mask):
-  # Flax takes 0/1 masks as well as booleans.
-  return None if mask is None else jnp.asarray(mask, dtype=bool)

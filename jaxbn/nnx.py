@@ -400,7 +400,7 @@ class LayerNorm(nnx.Module):
     x, scale, bias, out_dtype = _promoted(self, x)
     return layer_norm(x, scale, bias, reduction_axes=self.reduction_axes,
                       feature_axes=self.feature_axes, epsilon=self.epsilon,
-                      mask=_bool_mask(mask), dtype=out_dtype,
+                      mask=_flax_common.bool_mask(mask), dtype=out_dtype,
                       axis_name=self.axis_name,
                       axis_index_groups=self.axis_index_groups)
 
@@ -483,7 +483,7 @@ class GroupNorm(nnx.Module):
     return _flax_common.group_norm_call(
         x, scale, bias, num_groups=self.num_groups, group_size=None,
         reduction_axes=self.reduction_axes, epsilon=self.epsilon,
-        mask=_bool_mask(mask), dtype=out_dtype, axis_name=self.axis_name,
+        mask=_flax_common.bool_mask(mask), dtype=out_dtype, axis_name=self.axis_name,
         axis_index_groups=self.axis_index_groups)
 
 
@@ -556,7 +556,7 @@ class InstanceNorm(nnx.Module):
     """
     x, scale, bias, out_dtype = _promoted(self, x)
     return instance_norm(x, scale, bias, feature_axes=self.feature_axes,
-                         epsilon=self.epsilon, mask=_bool_mask(mask),
+                         epsilon=self.epsilon, mask=_flax_common.bool_mask(mask),
                          dtype=out_dtype, axis_name=self.axis_name,
                          axis_index_groups=self.axis_index_groups)
 
@@ -664,8 +664,3 @@ def _promoted(layer, x):
   bias = layer.bias[...] if layer.bias is not None else None
   x, scale, bias = layer.promote_dtype((x, scale, bias), dtype=layer.dtype)
   return x, scale, bias, dtypes.canonicalize_dtype(x, scale, bias, dtype=layer.dtype)
-
-
-def _bool_mask(mask):
-  # Flax takes 0/1 masks as well as booleans.
-  return None if mask is None else jnp.asarray(mask, dtype=bool)
