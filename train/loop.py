@@ -34,7 +34,8 @@ from jax.experimental import multihost_utils
 from train import checkpoint, data, models, plots, steps
 from train.signals import Interrupted, StopFlag, catch_signals, reclaim_signals
 from train.config import (Config, ConfigError, LAUNCH_FIELDS, MAX_STEPS, RUN_MARKERS,
-                          TRAINING_FIELDS, check_out_dir, check_typed_options, resolve)
+                          TRAINING_FIELDS, check_out_dir, check_typed_options, resolve,
+                          validate)
 
 EXIT_INTERRUPTED = 130
 EVAL_BATCH = 1000
@@ -116,7 +117,7 @@ def resume_config(explicit: dict[str, Any]) -> Config:
     else:
         saved = _read_run_config(Path(probe.out) / RUN_CONFIG)
         if saved is None:
-            probe = resolve(Config(**explicit))
+            validate(probe)
             check_typed_options(explicit, probe)
             return probe
     for key, value in explicit.items():
