@@ -15,8 +15,6 @@ if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
 os.environ.setdefault('MPLBACKEND', 'Agg')
 
 
-
-
 @pytest.fixture
 def data_dir() -> Path:
   """The read-only folder of real MNIST / Fashion-MNIST files (skips if absent)."""

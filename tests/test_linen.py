@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,11 +34,6 @@ BN_CLASSES = {'flax': nn.BatchNorm, 'jaxbn': BatchNorm}
 def _data(shape, seed=0, offset=0.5, std=1.5):
   rng = np.random.default_rng(seed)
   return jnp.asarray(offset + std * rng.standard_normal(shape), jnp.float32)
-
-
-def _assert_trees_close(a, b, tol):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, **tol), a, b)
 
 
 # --- API surface ------------------------------------------------------------
@@ -85,7 +81,7 @@ def test_auto_name_and_variables_match_flax():
   # Same structure, shapes, dtypes, and values: initializers get the same keys.
   jax.tree.map(lambda a, b: (a.shape == b.shape and a.dtype == b.dtype) or pytest.fail(),
                variables['jaxbn'], variables['flax'])
-  _assert_trees_close(variables['jaxbn'], variables['flax'], dict(rtol=0, atol=0))
+  chex.assert_trees_all_equal(variables['jaxbn'], variables['flax'])
 
 
 @pytest.mark.parametrize('use_scale,use_bias', [(True, False), (False, True), (False, False)])
@@ -147,7 +143,7 @@ def test_single_layer_matches_flax(axis, shape):
       y, updates = bn.apply(variables, x, mask=m, mutable=['batch_stats'])
       y_eval = cls(use_running_average=True, axis=axis).apply({**variables, **updates}, x)
       out[k] = (y, updates, y_eval)
-    _assert_trees_close(out['jaxbn'][:2], out['flax'][:2], TOL)
+    chex.assert_trees_all_close(out['jaxbn'][:2], out['flax'][:2], **TOL)
     np.testing.assert_allclose(out['jaxbn'][2], out['flax'][2], **EVAL_TOL)
 
 
@@ -236,7 +232,7 @@ def test_cnn_training_matches_flax():
   flax_model, flax_vars, flax_losses = _train(nn.BatchNorm)
   model, variables, losses = _train(BatchNorm)
   np.testing.assert_allclose(losses, flax_losses, **TOL)
-  _assert_trees_close(variables, flax_vars, TOL)
+  chex.assert_trees_all_close(variables, flax_vars, **TOL)
   x = _data((8, 8, 8, 1), seed=99)
   evaluate = jax.jit(lambda m, v, x: m.apply(v, x, train=False), static_argnums=0)
   np.testing.assert_allclose(evaluate(model, variables, x),
@@ -300,7 +296,7 @@ def test_masks_like_flax_including_integer_masks():
     variables = bn.init(jax.random.key(0), x)
     out[k] = [bn.apply(variables, x, mask=m, mutable=['batch_stats'])
               for m in (mask, mask.astype(np.int32))]
-  _assert_trees_close(out['jaxbn'], out['flax'], TOL)
+  chex.assert_trees_all_close(out['jaxbn'], out['flax'], **TOL)
 
 
 # --- transforms and helpers -------------------------------------------------
@@ -313,7 +309,7 @@ def test_apply_train_merges_updates():
   y, new_vars = apply_train(bn, variables, x)
   y_ref, updates = bn.apply(variables, x, mutable=['batch_stats'])
   np.testing.assert_array_equal(y, y_ref)
-  _assert_trees_close(new_vars, {**variables, **updates}, dict(rtol=0, atol=0))
+  chex.assert_trees_all_equal(new_vars, {**variables, **updates})
   assert new_vars['params'] is variables['params']
   # FrozenDict in, FrozenDict out; mutable=True and method kwargs pass through.
   frozen = freeze(variables)
@@ -337,7 +333,7 @@ def test_jit_grad_and_scan():
     g, updates = jax.jit(jax.grad(loss, has_aux=True), static_argnums=2)(
         variables['params'], variables['batch_stats'], cls(use_running_average=False))
     grads[k] = (g, updates)
-  _assert_trees_close(grads['jaxbn'], grads['flax'], TOL)
+  chex.assert_trees_all_close(grads['jaxbn'], grads['flax'], **TOL)
 
   class Stack(nn.Module):
     bn_cls: type
@@ -354,7 +350,7 @@ def test_jit_grad_and_scan():
   for k, cls in BN_CLASSES.items():
     v = Stack(cls).init(jax.random.key(0), x)
     out[k] = Stack(cls).apply(v, x, mutable=['batch_stats'])
-  _assert_trees_close(out['jaxbn'], out['flax'], TOL)
+  chex.assert_trees_all_close(out['jaxbn'], out['flax'], **TOL)
 
 
 def test_lifted_remat_and_jit():
@@ -368,7 +364,7 @@ def test_lifted_remat_and_jit():
         return nn.jit(cls)(use_running_average=False)(x)
     variables = Model().init(jax.random.key(0), x)
     out[k] = Model().apply(variables, x, mutable=['batch_stats'])
-  _assert_trees_close(out['jaxbn'], out['flax'], TOL)
+  chex.assert_trees_all_close(out['jaxbn'], out['flax'], **TOL)
 
 
 def test_unbiased_running_var_and_cumulative_average():

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -240,8 +241,7 @@ def test_cnn_training_matches_flax():
   ours, our_losses = _train(jaxbn.nnx.BatchNorm)
   np.testing.assert_allclose(our_losses, flax_losses, **TOL)
   s_ours, s_flax = nnx.state(ours), nnx.state(flax_model)
-  assert jax.tree.structure(s_ours) == jax.tree.structure(s_flax)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), s_ours, s_flax)
+  chex.assert_trees_all_close(s_ours, s_flax, **TOL)
   x = _data((8, 8, 8, 1), seed=99)
   flax_model.eval()
   ours.eval()
@@ -373,7 +373,7 @@ def test_complex_input_behaves_like_flax():
     bn.eval()
     out[k] = (y, bn(x), bn.mean[...], bn.var[...])
   assert out['jaxbn'][0].dtype == jnp.complex64
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), out['jaxbn'], out['flax'])
+  chex.assert_trees_all_close(out['jaxbn'], out['flax'], **TOL)
 
 
 # --- transforms -------------------------------------------------------------
@@ -387,8 +387,7 @@ def test_grad_matches_flax_and_only_touches_params():
 
   grads = {k: nnx.grad(loss)(cls(4, rngs=nnx.Rngs(0))) for k, cls in BN_CLASSES.items()}
   assert set(nnx.to_pure_dict(grads['jaxbn'])) == {'scale', 'bias'}
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL),
-               grads['jaxbn'], grads['flax'])
+  chex.assert_trees_all_close(grads['jaxbn'], grads['flax'], **TOL)
 
 
 def test_jit_split_merge_and_remat():
@@ -465,7 +464,7 @@ def test_scan_over_stacked_layers_matches_flax():
     y = forward(stack, x)
     assert stack.bn.mean.shape == (4, 3)
     out[name] = (y, stack.bn.mean[...], stack.bn.var[...])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), out['jaxbn'], out['flax'])
+  chex.assert_trees_all_close(out['jaxbn'], out['flax'], **TOL)
 
 
 def test_bridge_to_linen_and_to_nnx():
@@ -477,8 +476,7 @@ def test_bridge_to_linen_and_to_nnx():
     variables = model.init(jax.random.key(0), x)
     y, updates = model.apply(variables, x, mutable=['batch_stats'])
     results[name] = (y, updates['batch_stats'])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL),
-               results['jaxbn'], results['flax'])
+  chex.assert_trees_all_close(results['jaxbn'], results['flax'], **TOL)
 
   # A Linen jaxbn layer inside an NNX model.
   results = {}
@@ -487,8 +485,7 @@ def test_bridge_to_linen_and_to_nnx():
     bridge.lazy_init(layer, x)
     y = layer(x, mutable=['batch_stats'])
     results[name] = (y, nnx.to_pure_dict(nnx.state(layer, nnx.BatchStat)))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL),
-               results['jaxbn'], results['flax'])
+  chex.assert_trees_all_close(results['jaxbn'], results['flax'], **TOL)
 
 
 # --- extra options ----------------------------------------------------------

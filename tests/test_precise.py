@@ -1,6 +1,6 @@
 """Precise BN: pooled statistics against float64 NumPy over the same batches."""
 
-
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -183,8 +183,7 @@ def test_nnx_error_leaves_the_model_unchanged():
   with pytest.raises(Exception):
     precise_bn_nnx(model, bad_batches())
   after = nnx.state(model, nnx.BatchStat)
-  for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(after, before)
   assert model.layers[1].momentum == 0.99
 
 
@@ -263,9 +262,7 @@ def test_nnx_renorm_corrects_towards_its_trained_statistics():
   np.testing.assert_allclose(model.layers[3].mean[...], mean, **F32_TOL)
   np.testing.assert_allclose(model.layers[3].var[...], var, **F32_TOL)
   # The parameters as trained, the layers as they were.
-  for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
-                  jax.tree.leaves(nnx.state(trained, nnx.Param))):
-    np.testing.assert_array_equal(a, b)
+  chex.assert_trees_all_equal(nnx.state(model, nnx.Param), nnx.state(trained, nnx.Param))
   assert type(model.layers[1]) is jnnx.BatchRenorm
   assert model.layers[1].use_running_average is False
 
