@@ -77,8 +77,8 @@ def bn_param_labels(params_or_model, *, batch_stats=None):
     >>> variables = model.init(jax.random.key(0), jnp.ones((2, 3)))
     >>> labels = jaxbn.bn_param_labels(variables['params'],
     ...                                batch_stats=variables['batch_stats'])
-    >>> labels
-    {'layers_0': {'kernel': 'trainable', 'bias': 'trainable'}, 'layers_1': {'scale': 'frozen', 'bias': 'frozen'}}
+    >>> labels['layers_0'], labels['layers_1']
+    ({'kernel': 'trainable', 'bias': 'trainable'}, {'scale': 'frozen', 'bias': 'frozen'})
     >>> tx = optax.multi_transform(
     ...     {'trainable': optax.sgd(0.1), 'frozen': optax.set_to_zero()}, labels)
   """
