@@ -14,7 +14,9 @@ Sections (``--only``, comma-separated):
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -38,7 +40,8 @@ def parse(argv):
     p.add_argument("--gpu", action="store_true", help="fail unless JAX's default backend is a GPU")
     p.add_argument("--write-results", nargs="?", const=str(HERE), metavar="DIR",
                    help="write RESULTS.md, bn_times.png and results.json to DIR "
-                        "(default: benchmarks/)")
+                        "(default: benchmarks/); a full-size run's results there are "
+                        "replaced only by a full-size run of at least their sections")
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(SECTIONS))
@@ -46,10 +49,14 @@ def parse(argv):
         p.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     args.only = only
     if args.write_results:
-        problem = _unwritable(Path(args.write_results))
+        # Checked before the run: a full one takes about 20 minutes.
+        directory = Path(args.write_results)
+        problem = _unwritable(directory)
         if problem:
-            # Checked before the run: a full one takes about 20 minutes.
             p.error(f"--write-results {args.write_results}: {problem}; choose another folder")
+        problem = _replaces_more(directory, only, args.quick)
+        if problem:
+            p.error(f"--write-results {args.write_results}: {problem}")
     return args
 
 
@@ -74,6 +81,42 @@ def _unwritable(directory: Path) -> str | None:
     except OSError as e:
         return e.strerror or str(e)
     return None
+
+
+def _replaces_more(directory: Path, only: list[str], quick: bool) -> str | None:
+    """Why this run's results would replace fuller ones in ``directory`` (None if not).
+
+    A full-size run's results (committed ones, say) are replaced only by a
+    full-size run of at least the same sections: RESULTS.md says every ratio
+    comes from one run, so a subset cannot be merged into them.
+    """
+    results = directory / "results.json"
+    try:
+        meta = json.loads(results.read_text())["meta"]
+        if meta["quick"]:
+            return None  # a smoke test's numbers
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no results of ours there
+    had = set(meta["sections"]) if "sections" in meta else _sections_of(meta["command"])
+    missing = [s for s in SECTIONS if s in had and s not in only]
+    if missing:
+        change = (f"--only {','.join(only)} would replace them without {','.join(missing)}: "
+                  f"add those to --only")
+    elif quick:
+        change = "--quick would replace them with tiny sizes: drop --quick"
+    else:
+        return None
+    return (f"it holds the full-size results of `{meta['command']}`; {change}, choose another "
+            f"folder, or delete {results} to replace them")
+
+
+def _sections_of(command: str) -> set[str]:
+    """The sections a recorded ``python -m benchmarks`` command line ran."""
+    # results.json written before its meta listed the sections
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--only", default=",".join(SECTIONS))
+    args, _ = p.parse_known_args(shlex.split(command)[3:])
+    return {s.strip() for s in args.only.split(",")} & set(SECTIONS)
 
 
 def main(argv=None) -> int:

@@ -307,6 +307,6 @@ def meta(args, quick: bool, repeats: int, rounds: int) -> dict:
     return {
         "command": " ".join(["python -m benchmarks"] + [shlex.quote(a) for a in sys.argv[1:]]),
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "quick": quick, "repeats": repeats, "rounds": rounds,
+        "sections": args.only, "quick": quick, "repeats": repeats, "rounds": rounds,
         "machine": machine(),
     }

@@ -49,6 +49,7 @@ def test_quick_run_writes_results_and_plot(quick_run):
     assert (out / "bn_times.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     raw = json.loads((out / "results.json").read_text())
     assert raw["meta"]["quick"] and "bn" in raw["results"]
+    assert raw["meta"]["sections"] == ["bn", "pool", "torch", "cnn", "alloc", "threads", "scaling"]
 
 
 def test_results_json_holds_the_pool_times(tmp_path):
@@ -134,6 +135,47 @@ def test_unwritable_results_folder_fails_before_timing(tmp_path):
     assert proc.returncode == 2
     assert "--write-results" in proc.stderr and "choose another folder" in proc.stderr
     assert "backend" not in proc.stdout  # nothing was timed
+
+
+def _full_size_results(directory, **meta):
+    # The three outputs of an earlier full-size run, as committed.
+    (directory / "RESULTS.md").write_text("# Benchmark results\n")
+    (directory / "bn_times.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (directory / "results.json").write_text(json.dumps({"meta": {"quick": False, **meta}}))
+    return {f.name: f.read_bytes() for f in directory.iterdir()}
+
+
+@pytest.mark.parametrize("args", [["--only", "bn,pool"], ["--quick"], ["--quick", "--only", "pool"]])
+def test_smaller_run_refuses_to_replace_full_size_results(tmp_path, args):
+    # A run of fewer sections, or of tiny sizes, would have replaced them
+    # all, after the run.
+    before = _full_size_results(tmp_path, command="python -m benchmarks --write-results benchmarks")
+    proc = _run(*args, "--write-results", str(tmp_path), timeout=60)
+    assert proc.returncode == 2
+    assert "full-size results of `python -m benchmarks --write-results benchmarks`" in proc.stderr
+    assert "choose another folder" in proc.stderr and str(tmp_path / "results.json") in proc.stderr
+    assert "backend" not in proc.stdout  # nothing was timed
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
+
+
+def test_full_size_results_are_replaced_by_runs_of_their_sections(tmp_path):
+    from benchmarks.__main__ import SECTIONS, _replaces_more
+
+    assert _replaces_more(tmp_path, ["pool"], True) is None  # nothing there yet
+    _full_size_results(tmp_path, command="python -m benchmarks --only bn,pool",
+                       sections=["bn", "pool"])
+    assert _replaces_more(tmp_path, ["pool", "bn"], False) is None
+    assert _replaces_more(tmp_path, list(SECTIONS), False) is None
+    assert "without bn: add those to --only" in _replaces_more(tmp_path, ["pool", "scaling"], False)
+    assert "drop --quick" in _replaces_more(tmp_path, ["bn", "pool"], True)
+    # Results written before meta listed the sections: its command's, less
+    # the sections that no longer exist.
+    _full_size_results(tmp_path, command="python -m benchmarks --gpu --only bn,conv,torch")
+    assert _replaces_more(tmp_path, ["torch", "bn"], False) is None
+    assert "without torch" in _replaces_more(tmp_path, ["bn"], False)
+    # A smoke test's results are no loss.
+    _full_size_results(tmp_path, command="python -m benchmarks --quick", quick=True)
+    assert _replaces_more(tmp_path, ["pool"], True) is None
 
 
 def test_missing_torch_fails_before_timing(tmp_path):
