@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import io
 import json
 import os
 import platform
@@ -174,9 +175,12 @@ def write(directory: Path, meta: dict, sections: list[tuple[str, str]], results:
     return path
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, data: str | bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
     os.replace(tmp, path)
 
 
@@ -268,8 +272,10 @@ def _plot(path: Path, results: dict) -> str | None:
     if panels == 2:
         _cnn_panel(axes[0][1], results["cnn_runs"], cnn.batch_size(results["quick"]))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    _write_atomic(path, png.getvalue())
     return path.name
 
 

@@ -1,5 +1,7 @@
 """The benchmark entry point runs end to end on tiny sizes (no timing assertions)."""
 
+import contextlib
+import errno
 import json
 import os
 import subprocess
@@ -64,19 +66,24 @@ def test_results_json_holds_the_pool_times(tmp_path):
         assert all(t > 0 for t in times.values())
 
 
-def test_bn_tables_name_their_units():
-    # Synthetic numbers: every BN table's title or headers say what its
-    # cells measure.
+def _bn_entry():
+    # Synthetic numbers for one config of bn.run's results.
     from benchmarks import bn
 
     names = list(bn.IMPLEMENTATIONS)
     mode = {"times": {n: 1e-5 * (i + 1) for i, n in enumerate(names)},
             "faults": dict.fromkeys(names, 0.0), "floor": 5e-4}
-    entry = {"config": {"name": "NHWC f32", "shape": [8, 8, 8, 16], "dtype": "float32"},
-             "bandwidths": {"copy (x + 1)": 20e9, "donated add": 40e9},
-             "modes": dict.fromkeys(bn.MODES, mode),
-             "memory": {n: {"temp": 0, "argument": 2**20, "output": 2**20} for n in names}}
-    tables = dict(bn.tables({"configs": [entry]}))
+    return {"config": {"name": "NHWC f32", "shape": [8, 8, 8, 16], "dtype": "float32"},
+            "bandwidths": {"copy (x + 1)": 20e9, "donated add": 40e9},
+            "modes": dict.fromkeys(bn.MODES, mode),
+            "memory": {n: {"temp": 0, "argument": 2**20, "output": 2**20} for n in names}}
+
+
+def test_bn_tables_name_their_units():
+    # Every BN table's title or headers say what its cells measure.
+    from benchmarks import bn
+
+    tables = dict(bn.tables({"configs": [_bn_entry()]}))
     title = next(t for t in tables if "effective bandwidth" in t)
     assert "GB/s" in title and "share of the best copy bandwidth" in title
     # jaxbn: 5 passes of 32 KiB in 10 us, 16 GB/s, 41% of the best copy's 40 GB/s.
@@ -84,6 +91,26 @@ def test_bn_tables_name_their_units():
     assert "| 16 (41%)" in tables[title].splitlines()[2]
     for t in tables:
         assert any(unit in t for unit in ("median time", "MiB", "GB/s")), t
+
+
+def test_interrupted_plot_keeps_the_previous_one(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from benchmarks import report
+
+    def savefig(fig, target, **kwargs):
+        # Stopped as by a full disk: the target opened and partly written.
+        with contextlib.nullcontext(target) if hasattr(target, "write") else open(target, "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    plot = tmp_path / "bn_times.png"
+    plot.write_bytes(b"the previous run's plot")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    with pytest.raises(OSError, match="No space left"):
+        report._plot(plot, {"quick": True, "bn": {"configs": [_bn_entry()]}})
+    assert plot.read_bytes() == b"the previous run's plot"
+    assert [f.name for f in tmp_path.iterdir()] == ["bn_times.png"]
 
 
 @pytest.mark.parametrize("steps", [[0.01, 0.03], [0.01, 0.03, 0.02], [0.04, 0.01, 0.03, 0.02]])
