@@ -19,6 +19,7 @@ import os
 import shlex
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 SECTIONS = ("bn", "pool", "torch", "cnn", "alloc", "threads", "scaling")
@@ -165,16 +166,22 @@ def main(argv=None) -> int:
         emit(f"CNN pools: {cnn.REFERENCE} vs {cnn.TRAIN_VARIANT}, median of jit(grad) "
              f"(speedup = {cnn.REFERENCE} / {cnn.TRAIN_VARIANT})",
              cnn.pool_table(results["pool"]))
-    if jobs:
-        print(f"\nworker processes ({rounds} round(s)):", flush=True)
-        runs = procs.rotate(jobs, rounds)
-        results["cnn_runs"] = runs
-        for title, body in worker_tables(args.only, runs):
-            emit(title, body)
-    if "scaling" in args.only:
-        results["scaling"] = scaling.run(quick, repeats)
-        emit("Data-parallel scaling: median times over simulated devices (one process)",
-             scaling.table(results["scaling"]))
+    try:
+        if jobs:
+            print(f"\nworker processes ({rounds} round(s)):", flush=True)
+            runs = procs.rotate(jobs, rounds)
+            results["cnn_runs"] = runs
+            for title, body in worker_tables(args.only, runs):
+                emit(title, body)
+        if "scaling" in args.only:
+            results["scaling"] = scaling.run(quick, repeats)
+            emit("Data-parallel scaling: median times over simulated devices (one process)",
+                 scaling.table(results["scaling"]))
+    except procs.WorkerError as e:
+        kept = f"; nothing was written to {args.write_results}" if args.write_results else ""
+        tail = textwrap.indent(e.stderr, "  ") if e.stderr else "  (nothing)"
+        print(f"\nstopped: {e.what}{kept}. The end of its stderr:\n{tail}", file=sys.stderr)
+        return 1
     if args.write_results:
         path = report.write(Path(args.write_results), meta, sections, results)
         print(f"\nwrote {path}")

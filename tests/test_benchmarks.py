@@ -218,6 +218,48 @@ def test_missing_torch_fails_before_timing(tmp_path):
     assert "round 1/1" not in proc.stdout and "## BN" not in proc.stdout  # nothing was timed
 
 
+def test_crashed_worker_is_reported_and_leaves_the_results(tmp_path):
+    # A torch that imports, so that the check before timing passes, but
+    # breaks the PyTorch worker after the JAX worker's round.
+    fake = tmp_path / "fake"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text(
+        "class cuda:\n    is_available = staticmethod(lambda: False)\n")
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "RESULTS.md").write_text("an earlier run's results\n")
+    proc = _run("--quick", "--only", "torch", "--repeats", "1", "--write-results", str(out),
+                timeout=300, PYTHONPATH=str(fake))
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    first = proc.stderr.strip().splitlines()[0]
+    assert first.startswith('stopped: the worker process "PyTorch" (round 1/1), python -m '
+                            'benchmarks.torch_worker, exited with status 1; nothing was written')
+    assert "ImportError: cannot import name 'nn' from 'torch'" in proc.stderr  # the worker's
+    assert "__main__.py" not in proc.stderr  # no traceback of the parent's
+    assert [f.name for f in out.iterdir()] == ["RESULTS.md"]
+    assert (out / "RESULTS.md").read_text() == "an earlier run's results\n"
+
+
+@pytest.mark.parametrize("body, timeout, how", [
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", 60,
+     "was killed by signal 9 (Killed)"),
+    ("import time\ntime.sleep(60)", 1, "did not finish within 1 s"),
+    ("print('no result')", 60, "printed no JSON result"),
+    ("import sys\nfor i in range(100):\n    print(f'line {i}', file=sys.stderr)\nsys.exit(3)", 60,
+     "exited with status 3"),
+])
+def test_failed_worker_process_says_how(tmp_path, body, timeout, how):
+    from benchmarks import procs
+
+    (tmp_path / "failing_worker.py").write_text(body + "\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    with pytest.raises(procs.WorkerError) as e:
+        procs.result('the worker process "X"', "failing_worker", {}, env, timeout=timeout)
+    assert e.value.what == f'the worker process "X", python -m failing_worker, {how}'
+    if "status 3" in how:  # the end of its stderr
+        assert e.value.stderr.splitlines() == [f"line {i}" for i in range(80, 100)]
+
+
 def test_gpu_flag_without_gpu_names_the_fix():
     proc = _run("--gpu", "--quick", "--only", "bn", timeout=300)
     if proc.returncode == 0:
