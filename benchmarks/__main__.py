@@ -48,6 +48,8 @@ def parse(argv):
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
         p.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    if not only:
+        p.error(f"--only {args.only!r} names no section; choose from {', '.join(SECTIONS)}")
     args.only = only
     if args.write_results:
         # Checked before the run: a full one takes about 20 minutes.

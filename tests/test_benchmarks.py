@@ -144,6 +144,15 @@ def test_bad_options_fail_fast():
     assert "unknown section(s) nope" in proc.stderr
 
 
+@pytest.mark.parametrize("only", ["", " , "])
+def test_only_without_sections_fails_fast(tmp_path, only):
+    # It used to time nothing and write an empty RESULTS.md.
+    proc = _run("--only", only, "--write-results", str(tmp_path), timeout=60)
+    assert proc.returncode == 2
+    assert "names no section; choose from bn, pool" in proc.stderr
+    assert "backend" not in proc.stdout and not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("option", ["--repeats", "--rounds"])
 @pytest.mark.parametrize("value", ["0", "-2"])
 def test_counts_below_one_fail_fast(option, value):
