@@ -172,6 +172,9 @@ def write(directory: Path, meta: dict, sections: list[tuple[str, str]], results:
                   json.dumps({"meta": meta, "results": results}, indent=1, sort_keys=True) + "\n")
     path = directory / "RESULTS.md"
     _write_atomic(path, _markdown(meta, sections, plot))
+    if plot is None:
+        # Without BN numbers there is no plot; an earlier run's would pass for this one's.
+        (directory / "bn_times.png").unlink(missing_ok=True)
     return path
 
 

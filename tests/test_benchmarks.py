@@ -66,6 +66,18 @@ def test_results_json_holds_the_pool_times(tmp_path):
         assert all(t > 0 for t in times.values())
 
 
+def test_results_without_a_plot_leave_no_earlier_plot(tmp_path):
+    import argparse
+
+    from benchmarks import report
+
+    (tmp_path / "bn_times.png").write_bytes(b"an earlier run's plot")
+    meta = report.meta(argparse.Namespace(only=["pool"]), True, 1, 1)
+    report.write(tmp_path, meta, [("CNN pools", "| table |")], {"quick": True, "pool": {}})
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["RESULTS.md", "results.json"]
+    assert "bn_times.png" not in (tmp_path / "RESULTS.md").read_text()
+
+
 def _bn_entry():
     # Synthetic numbers for one config of bn.run's results.
     from benchmarks import bn
