@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 import tempfile
 import textwrap
@@ -124,6 +125,10 @@ def _sections_of(command: str) -> set[str]:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    # SIGTERM (a timeout, a cancelled job) would end this process alone, and
+    # the worker process it waits for would go on timing. As an exception it
+    # unwinds through subprocess.run, which kills the worker.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     # On a GPU, JAX would otherwise take 75% of its memory at start-up in this
     # process and leave too little for the worker processes (JAX and PyTorch).
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -188,6 +193,10 @@ def main(argv=None) -> int:
         path = report.write(Path(args.write_results), meta, sections, results)
         print(f"\nwrote {path}")
     return 0
+
+
+def _exit_on_signal(signum, frame):
+    sys.exit(128 + signum)
 
 
 # The JAX process set up as ``python -m train`` runs (train/allocator.py).

@@ -4,8 +4,10 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -259,6 +261,34 @@ def test_crashed_worker_is_reported_and_leaves_the_results(tmp_path):
     assert "__main__.py" not in proc.stderr  # no traceback of the parent's
     assert [f.name for f in out.iterdir()] == ["RESULTS.md"]
     assert (out / "RESULTS.md").read_text() == "an earlier run's results\n"
+
+
+def test_terminated_run_ends_its_worker_process():
+    # SIGTERM, as from timeout(1) or a cancelled job, used to end the parent
+    # alone: its worker kept timing on the shared machine.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "--quick", "--only", "torch"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if "round 1/1: JAX" in line:
+                break
+        deadline = time.monotonic() + 60
+        while not (workers := Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()):
+            assert time.monotonic() < deadline, "no worker process started"
+            time.sleep(0.05)
+        proc.terminate()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    for pid in map(int, workers):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        pytest.fail(f"worker process {pid} outlived the run")
+    assert proc.returncode == 128 + signal.SIGTERM
 
 
 @pytest.mark.parametrize("body, timeout, how", [
