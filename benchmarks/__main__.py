@@ -14,9 +14,13 @@ Sections (``--only``, comma-separated):
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shlex
+import signal
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 SECTIONS = ("bn", "pool", "torch", "cnn", "alloc", "threads", "scaling")
@@ -38,18 +42,25 @@ def parse(argv):
     p.add_argument("--gpu", action="store_true", help="fail unless JAX's default backend is a GPU")
     p.add_argument("--write-results", nargs="?", const=str(HERE), metavar="DIR",
                    help="write RESULTS.md, bn_times.png and results.json to DIR "
-                        "(default: benchmarks/)")
+                        "(default: benchmarks/); a full-size run's results there are "
+                        "replaced only by a full-size run of at least their sections")
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
         p.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    if not only:
+        p.error(f"--only {args.only!r} names no section; choose from {', '.join(SECTIONS)}")
     args.only = only
     if args.write_results:
-        problem = _unwritable(Path(args.write_results))
+        # Checked before the run: a full one takes about 20 minutes.
+        directory = Path(args.write_results)
+        problem = _unwritable(directory)
         if problem:
-            # Checked before the run: a full one takes about 20 minutes.
             p.error(f"--write-results {args.write_results}: {problem}; choose another folder")
+        problem = _replaces_more(directory, only, args.quick)
+        if problem:
+            p.error(f"--write-results {args.write_results}: {problem}")
     return args
 
 
@@ -76,8 +87,48 @@ def _unwritable(directory: Path) -> str | None:
     return None
 
 
+def _replaces_more(directory: Path, only: list[str], quick: bool) -> str | None:
+    """Why this run's results would replace fuller ones in ``directory`` (None if not).
+
+    A full-size run's results (committed ones, say) are replaced only by a
+    full-size run of at least the same sections: RESULTS.md says every ratio
+    comes from one run, so a subset cannot be merged into them.
+    """
+    results = directory / "results.json"
+    try:
+        meta = json.loads(results.read_text())["meta"]
+        if meta["quick"]:
+            return None  # a smoke test's numbers
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no results of ours there
+    had = set(meta["sections"]) if "sections" in meta else _sections_of(meta["command"])
+    missing = [s for s in SECTIONS if s in had and s not in only]
+    if missing:
+        change = (f"--only {','.join(only)} would replace them without {','.join(missing)}: "
+                  f"add those to --only")
+    elif quick:
+        change = "--quick would replace them with tiny sizes: drop --quick"
+    else:
+        return None
+    return (f"it holds the full-size results of `{meta['command']}`; {change}, choose another "
+            f"folder, or delete {results} to replace them")
+
+
+def _sections_of(command: str) -> set[str]:
+    """The sections a recorded ``python -m benchmarks`` command line ran."""
+    # results.json written before its meta listed the sections
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--only", default=",".join(SECTIONS))
+    args, _ = p.parse_known_args(shlex.split(command)[3:])
+    return {s.strip() for s in args.only.split(",")} & set(SECTIONS)
+
+
 def main(argv=None) -> int:
     args = parse(argv)
+    # SIGTERM (a timeout, a cancelled job) would end this process alone, and
+    # the worker process it waits for would go on timing. As an exception it
+    # unwinds through subprocess.run, which kills the worker.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     # On a GPU, JAX would otherwise take 75% of its memory at start-up in this
     # process and leave too little for the worker processes (JAX and PyTorch).
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -122,20 +173,30 @@ def main(argv=None) -> int:
         emit(f"CNN pools: {cnn.REFERENCE} vs {cnn.TRAIN_VARIANT}, median of jit(grad) "
              f"(speedup = {cnn.REFERENCE} / {cnn.TRAIN_VARIANT})",
              cnn.pool_table(results["pool"]))
-    if jobs:
-        print(f"\nworker processes ({rounds} round(s)):", flush=True)
-        runs = procs.rotate(jobs, rounds)
-        results["cnn_runs"] = runs
-        for title, body in worker_tables(args.only, runs):
-            emit(title, body)
-    if "scaling" in args.only:
-        results["scaling"] = scaling.run(quick, repeats)
-        emit("Data-parallel scaling: median times over simulated devices (one process)",
-             scaling.table(results["scaling"]))
+    try:
+        if jobs:
+            print(f"\nworker processes ({rounds} round(s)):", flush=True)
+            runs = procs.rotate(jobs, rounds)
+            results["cnn_runs"] = runs
+            for title, body in worker_tables(args.only, runs):
+                emit(title, body)
+        if "scaling" in args.only:
+            results["scaling"] = scaling.run(quick, repeats)
+            emit("Data-parallel scaling: median times over simulated devices (one process)",
+                 scaling.table(results["scaling"]))
+    except procs.WorkerError as e:
+        kept = f"; nothing was written to {args.write_results}" if args.write_results else ""
+        tail = textwrap.indent(e.stderr, "  ") if e.stderr else "  (nothing)"
+        print(f"\nstopped: {e.what}{kept}. The end of its stderr:\n{tail}", file=sys.stderr)
+        return 1
     if args.write_results:
         path = report.write(Path(args.write_results), meta, sections, results)
         print(f"\nwrote {path}")
     return 0
+
+
+def _exit_on_signal(signum, frame):
+    sys.exit(128 + signum)
 
 
 # The JAX process set up as ``python -m train`` runs (train/allocator.py).

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -83,13 +84,41 @@ def torch_problem(device: str) -> str | None:
     return None
 
 
-def run(job: Job, timeout: float = 1800) -> dict:
-    proc = subprocess.run([sys.executable, "-m", job.module, json.dumps(job.spec)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                          env=environment(job.env))
+# The end of a traceback, which names the failure (JAX's run to dozens of lines).
+STDERR_LINES = 20
+
+
+class WorkerError(Exception):
+    """A worker process that failed: ``what`` says which and how, ``stderr`` how it ended."""
+
+    def __init__(self, what: str, stderr: str):
+        super().__init__(what)
+        self.what = what
+        self.stderr = "\n".join(stderr.rstrip().splitlines()[-STDERR_LINES:])
+
+
+def result(what: str, module: str, spec: dict, env: dict[str, str], timeout: float) -> dict:
+    """The JSON line ``python -m module spec`` prints last; WorkerError if it fails.
+
+    ``what`` names the process in the error, e.g. 'the worker process "JAX" (round 1/3)'.
+    """
+    what = f"{what}, python -m {module},"
+    try:
+        proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True,
+                              text=True, cwd=ROOT, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        # Bytes whatever text= says.
+        raise WorkerError(f"{what} did not finish within {timeout:.0f} s",
+                          (e.stderr or b"").decode(errors="replace")) from None
+    if proc.returncode < 0:
+        raise WorkerError(f"{what} was killed by signal {-proc.returncode} "
+                          f"({signal.strsignal(-proc.returncode)})", proc.stderr)
     if proc.returncode:
-        raise RuntimeError(f"{job.module} ({job.env}) failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise WorkerError(f"{what} exited with status {proc.returncode}", proc.stderr)
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise WorkerError(f"{what} printed no JSON result", proc.stderr) from None
 
 
 def rotate(jobs: dict[str, Job], rounds: int, log=print) -> dict[str, dict]:
@@ -98,7 +127,9 @@ def rotate(jobs: dict[str, Job], rounds: int, log=print) -> dict[str, dict]:
     for r in range(rounds):
         for name, job in jobs.items():
             log(f"  round {r + 1}/{rounds}: {name}")
-            runs[name].append(run(job))
+            what = f'the worker process "{name}" (round {r + 1}/{rounds})'
+            runs[name].append(result(what, job.module, job.spec, environment(job.env),
+                                     timeout=1800))
     return {name: _median_tree(results) for name, results in runs.items()}
 
 

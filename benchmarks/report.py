@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import io
 import json
 import os
 import platform
@@ -171,12 +172,18 @@ def write(directory: Path, meta: dict, sections: list[tuple[str, str]], results:
                   json.dumps({"meta": meta, "results": results}, indent=1, sort_keys=True) + "\n")
     path = directory / "RESULTS.md"
     _write_atomic(path, _markdown(meta, sections, plot))
+    if plot is None:
+        # Without BN numbers there is no plot; an earlier run's would pass for this one's.
+        (directory / "bn_times.png").unlink(missing_ok=True)
     return path
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, data: str | bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
     os.replace(tmp, path)
 
 
@@ -268,8 +275,10 @@ def _plot(path: Path, results: dict) -> str | None:
     if panels == 2:
         _cnn_panel(axes[0][1], results["cnn_runs"], cnn.batch_size(results["quick"]))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    _write_atomic(path, png.getvalue())
     return path.name
 
 
@@ -307,6 +316,6 @@ def meta(args, quick: bool, repeats: int, rounds: int) -> dict:
     return {
         "command": " ".join(["python -m benchmarks"] + [shlex.quote(a) for a in sys.argv[1:]]),
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "quick": quick, "repeats": repeats, "rounds": rounds,
+        "sections": args.only, "quick": quick, "repeats": repeats, "rounds": rounds,
         "machine": machine(),
     }

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
-from benchmarks import timing
+from benchmarks import procs, timing
 
 MAX_DEVICES = 8
 
@@ -35,12 +34,8 @@ def run(quick: bool, repeats: int) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_force_host_platform_device_count={MAX_DEVICES}").strip()
-    spec = json.dumps({"quick": quick, "repeats": repeats})
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.scaling", spec], env=env,
-                          capture_output=True, text=True, timeout=3600)
-    if proc.returncode:
-        raise RuntimeError(f"benchmarks.scaling failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return procs.result("the scaling section's process", "benchmarks.scaling",
+                        {"quick": quick, "repeats": repeats}, env, timeout=3600)
 
 
 def table(results: dict) -> str:

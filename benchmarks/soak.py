@@ -182,6 +182,19 @@ def apply_malloc_settings(glibc_defaults: bool) -> str:
     return "python -m train's (train/allocator.py)" if tune_malloc() else "not glibc: untouched"
 
 
+def _unwritable(path: Path) -> str | None:
+    """Why ``path`` could not be written (None if it can), leaving it as it is."""
+    try:
+        if path.exists():
+            open(path, "a").close()
+        else:
+            with tempfile.TemporaryFile(dir=path.parent):
+                pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -196,6 +209,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.steps < 1 or args.every < 1 or args.batch_size < 1:
         p.error("--steps, --every and --batch-size must be at least 1")
+    if args.json:
+        problem = _unwritable(Path(args.json))
+        if problem:
+            # Checked before training: the JSON is written after it, minutes later.
+            p.error(f"--json {args.json}: {problem}; choose another path")
     malloc = apply_malloc_settings(args.glibc_malloc)
     try:
         r = soak(args.steps, warmup=args.warmup, every=args.every, model_name=args.model,

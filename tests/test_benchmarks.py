@@ -1,9 +1,13 @@
 """The benchmark entry point runs end to end on tiny sizes (no timing assertions)."""
 
+import contextlib
+import errno
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,6 +53,7 @@ def test_quick_run_writes_results_and_plot(quick_run):
     assert (out / "bn_times.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     raw = json.loads((out / "results.json").read_text())
     assert raw["meta"]["quick"] and "bn" in raw["results"]
+    assert raw["meta"]["sections"] == ["bn", "pool", "torch", "cnn", "alloc", "threads", "scaling"]
 
 
 def test_results_json_holds_the_pool_times(tmp_path):
@@ -63,19 +68,36 @@ def test_results_json_holds_the_pool_times(tmp_path):
         assert all(t > 0 for t in times.values())
 
 
-def test_bn_tables_name_their_units():
-    # Synthetic numbers: every BN table's title or headers say what its
-    # cells measure.
+def test_results_without_a_plot_leave_no_earlier_plot(tmp_path):
+    import argparse
+
+    from benchmarks import report
+
+    (tmp_path / "bn_times.png").write_bytes(b"an earlier run's plot")
+    meta = report.meta(argparse.Namespace(only=["pool"]), True, 1, 1)
+    report.write(tmp_path, meta, [("CNN pools", "| table |")], {"quick": True, "pool": {}})
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["RESULTS.md", "results.json"]
+    assert "bn_times.png" not in (tmp_path / "RESULTS.md").read_text()
+
+
+def _bn_entry():
+    # Synthetic numbers for one config of bn.run's results.
     from benchmarks import bn
 
     names = list(bn.IMPLEMENTATIONS)
     mode = {"times": {n: 1e-5 * (i + 1) for i, n in enumerate(names)},
             "faults": dict.fromkeys(names, 0.0), "floor": 5e-4}
-    entry = {"config": {"name": "NHWC f32", "shape": [8, 8, 8, 16], "dtype": "float32"},
-             "bandwidths": {"copy (x + 1)": 20e9, "donated add": 40e9},
-             "modes": dict.fromkeys(bn.MODES, mode),
-             "memory": {n: {"temp": 0, "argument": 2**20, "output": 2**20} for n in names}}
-    tables = dict(bn.tables({"configs": [entry]}))
+    return {"config": {"name": "NHWC f32", "shape": [8, 8, 8, 16], "dtype": "float32"},
+            "bandwidths": {"copy (x + 1)": 20e9, "donated add": 40e9},
+            "modes": dict.fromkeys(bn.MODES, mode),
+            "memory": {n: {"temp": 0, "argument": 2**20, "output": 2**20} for n in names}}
+
+
+def test_bn_tables_name_their_units():
+    # Every BN table's title or headers say what its cells measure.
+    from benchmarks import bn
+
+    tables = dict(bn.tables({"configs": [_bn_entry()]}))
     title = next(t for t in tables if "effective bandwidth" in t)
     assert "GB/s" in title and "share of the best copy bandwidth" in title
     # jaxbn: 5 passes of 32 KiB in 10 us, 16 GB/s, 41% of the best copy's 40 GB/s.
@@ -83,6 +105,26 @@ def test_bn_tables_name_their_units():
     assert "| 16 (41%)" in tables[title].splitlines()[2]
     for t in tables:
         assert any(unit in t for unit in ("median time", "MiB", "GB/s")), t
+
+
+def test_interrupted_plot_keeps_the_previous_one(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from benchmarks import report
+
+    def savefig(fig, target, **kwargs):
+        # Stopped as by a full disk: the target opened and partly written.
+        with contextlib.nullcontext(target) if hasattr(target, "write") else open(target, "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    plot = tmp_path / "bn_times.png"
+    plot.write_bytes(b"the previous run's plot")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    with pytest.raises(OSError, match="No space left"):
+        report._plot(plot, {"quick": True, "bn": {"configs": [_bn_entry()]}})
+    assert plot.read_bytes() == b"the previous run's plot"
+    assert [f.name for f in tmp_path.iterdir()] == ["bn_times.png"]
 
 
 @pytest.mark.parametrize("steps", [[0.01, 0.03], [0.01, 0.03, 0.02], [0.04, 0.01, 0.03, 0.02]])
@@ -116,6 +158,15 @@ def test_bad_options_fail_fast():
     assert "unknown section(s) nope" in proc.stderr
 
 
+@pytest.mark.parametrize("only", ["", " , "])
+def test_only_without_sections_fails_fast(tmp_path, only):
+    # It used to time nothing and write an empty RESULTS.md.
+    proc = _run("--only", only, "--write-results", str(tmp_path), timeout=60)
+    assert proc.returncode == 2
+    assert "names no section; choose from bn, pool" in proc.stderr
+    assert "backend" not in proc.stdout and not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("option", ["--repeats", "--rounds"])
 @pytest.mark.parametrize("value", ["0", "-2"])
 def test_counts_below_one_fail_fast(option, value):
@@ -136,6 +187,47 @@ def test_unwritable_results_folder_fails_before_timing(tmp_path):
     assert "backend" not in proc.stdout  # nothing was timed
 
 
+def _full_size_results(directory, **meta):
+    # The three outputs of an earlier full-size run, as committed.
+    (directory / "RESULTS.md").write_text("# Benchmark results\n")
+    (directory / "bn_times.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (directory / "results.json").write_text(json.dumps({"meta": {"quick": False, **meta}}))
+    return {f.name: f.read_bytes() for f in directory.iterdir()}
+
+
+@pytest.mark.parametrize("args", [["--only", "bn,pool"], ["--quick"], ["--quick", "--only", "pool"]])
+def test_smaller_run_refuses_to_replace_full_size_results(tmp_path, args):
+    # A run of fewer sections, or of tiny sizes, would have replaced them
+    # all, after the run.
+    before = _full_size_results(tmp_path, command="python -m benchmarks --write-results benchmarks")
+    proc = _run(*args, "--write-results", str(tmp_path), timeout=60)
+    assert proc.returncode == 2
+    assert "full-size results of `python -m benchmarks --write-results benchmarks`" in proc.stderr
+    assert "choose another folder" in proc.stderr and str(tmp_path / "results.json") in proc.stderr
+    assert "backend" not in proc.stdout  # nothing was timed
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
+
+
+def test_full_size_results_are_replaced_by_runs_of_their_sections(tmp_path):
+    from benchmarks.__main__ import SECTIONS, _replaces_more
+
+    assert _replaces_more(tmp_path, ["pool"], True) is None  # nothing there yet
+    _full_size_results(tmp_path, command="python -m benchmarks --only bn,pool",
+                       sections=["bn", "pool"])
+    assert _replaces_more(tmp_path, ["pool", "bn"], False) is None
+    assert _replaces_more(tmp_path, list(SECTIONS), False) is None
+    assert "without bn: add those to --only" in _replaces_more(tmp_path, ["pool", "scaling"], False)
+    assert "drop --quick" in _replaces_more(tmp_path, ["bn", "pool"], True)
+    # Results written before meta listed the sections: its command's, less
+    # the sections that no longer exist.
+    _full_size_results(tmp_path, command="python -m benchmarks --gpu --only bn,conv,torch")
+    assert _replaces_more(tmp_path, ["torch", "bn"], False) is None
+    assert "without torch" in _replaces_more(tmp_path, ["bn"], False)
+    # A smoke test's results are no loss.
+    _full_size_results(tmp_path, command="python -m benchmarks --quick", quick=True)
+    assert _replaces_more(tmp_path, ["pool"], True) is None
+
+
 def test_missing_torch_fails_before_timing(tmp_path):
     # A torch that does not import, as where only jaxbn[train] is installed:
     # the PyTorch workers would fail only after the JAX sections ran.
@@ -147,6 +239,76 @@ def test_missing_torch_fails_before_timing(tmp_path):
     assert "No module named 'torch'" in proc.stderr
     assert "--only bn,scaling" in proc.stderr  # what still runs without it
     assert "round 1/1" not in proc.stdout and "## BN" not in proc.stdout  # nothing was timed
+
+
+def test_crashed_worker_is_reported_and_leaves_the_results(tmp_path):
+    # A torch that imports, so that the check before timing passes, but
+    # breaks the PyTorch worker after the JAX worker's round.
+    fake = tmp_path / "fake"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text(
+        "class cuda:\n    is_available = staticmethod(lambda: False)\n")
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "RESULTS.md").write_text("an earlier run's results\n")
+    proc = _run("--quick", "--only", "torch", "--repeats", "1", "--write-results", str(out),
+                timeout=300, PYTHONPATH=str(fake))
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    first = proc.stderr.strip().splitlines()[0]
+    assert first.startswith('stopped: the worker process "PyTorch" (round 1/1), python -m '
+                            'benchmarks.torch_worker, exited with status 1; nothing was written')
+    assert "ImportError: cannot import name 'nn' from 'torch'" in proc.stderr  # the worker's
+    assert "__main__.py" not in proc.stderr  # no traceback of the parent's
+    assert [f.name for f in out.iterdir()] == ["RESULTS.md"]
+    assert (out / "RESULTS.md").read_text() == "an earlier run's results\n"
+
+
+def test_terminated_run_ends_its_worker_process():
+    # SIGTERM, as from timeout(1) or a cancelled job, used to end the parent
+    # alone: its worker kept timing on the shared machine.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "--quick", "--only", "torch"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if "round 1/1: JAX" in line:
+                break
+        deadline = time.monotonic() + 60
+        while not (workers := Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()):
+            assert time.monotonic() < deadline, "no worker process started"
+            time.sleep(0.05)
+        proc.terminate()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    for pid in map(int, workers):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        pytest.fail(f"worker process {pid} outlived the run")
+    assert proc.returncode == 128 + signal.SIGTERM
+
+
+@pytest.mark.parametrize("body, timeout, how", [
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", 60,
+     "was killed by signal 9 (Killed)"),
+    ("import time\ntime.sleep(60)", 1, "did not finish within 1 s"),
+    ("print('no result')", 60, "printed no JSON result"),
+    ("import sys\nfor i in range(100):\n    print(f'line {i}', file=sys.stderr)\nsys.exit(3)", 60,
+     "exited with status 3"),
+])
+def test_failed_worker_process_says_how(tmp_path, body, timeout, how):
+    from benchmarks import procs
+
+    (tmp_path / "failing_worker.py").write_text(body + "\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    with pytest.raises(procs.WorkerError) as e:
+        procs.result('the worker process "X"', "failing_worker", {}, env, timeout=timeout)
+    assert e.value.what == f'the worker process "X", python -m failing_worker, {how}'
+    if "status 3" in how:  # the end of its stderr
+        assert e.value.stderr.splitlines() == [f"line {i}" for i in range(80, 100)]
 
 
 def test_gpu_flag_without_gpu_names_the_fix():

@@ -73,3 +73,17 @@ def test_a_batch_larger_than_the_data_is_refused(monkeypatch):
     monkeypatch.setattr("train.models.build_model", _no_training)
     with pytest.raises(ValueError, match="--batch-size 5000 is larger than the"):
         soak.soak(5, warmup=1, batch_size=5000)
+
+
+@pytest.mark.parametrize("target, problem", [("missing/soak.json", "No such file or directory"),
+                                             (".", "Is a directory")])
+def test_an_unwritable_json_path_is_refused_before_training(monkeypatch, capsys, tmp_path,
+                                                            target, problem):
+    # The JSON is written after the soak: a bad path used to cost a whole run.
+    monkeypatch.setattr("train.models.build_model", _no_training)
+    monkeypatch.setattr(soak, "apply_malloc_settings", lambda glibc_defaults: "untouched")
+    path = tmp_path / target
+    with pytest.raises(SystemExit) as e:
+        soak.main(["--steps", "5", "--warmup", "1", "--json", str(path)])
+    assert e.value.code == 2
+    assert f"--json {path}: {problem}; choose another path" in capsys.readouterr().err
