@@ -559,9 +559,12 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
             resumed_from = meta["position"]
             if primary:
                 _truncate(metrics_path, meta["metrics_bytes"], progress)
+            # The checkpoint after the last epoch leaves only the summary to write.
+            where = (f"after epoch {cfg.epochs} of {cfg.epochs}" if book.epoch >= cfg.epochs
+                     else f"epoch {book.epoch + 1}")
             progress.message(
                 f"resuming from {ckpt_root.name}/ckpt-{resumed_from:09d} "
-                f"(epoch {book.epoch + 1}, step {resumed_from})")
+                f"({where}, step {resumed_from})")
         else:
             if checkpoint.list_checkpoints(ckpt_root):
                 progress.message(f"no checkpoint in {ckpt_root} verifies (see the warnings "

@@ -4,12 +4,14 @@ import fcntl
 import io
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
 
 from train import checkpoint, data, loop
 from train.config import MAX_STEPS, Config, ConfigError, resolve
+from train.signals import StopFlag
 
 TIMING_KEYS = loop.TIMING_FIELDS
 
@@ -115,6 +117,27 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, stop_at):
     for a, b in zip(final_arrays(tmp_path / "ref"), final_arrays(tmp_path / "cut")):
         np.testing.assert_array_equal(a, b)
     assert without_timings(records(tmp_path / "cut")) == without_timings(records(tmp_path / "ref"))
+
+
+def test_resume_after_the_final_evaluation_names_the_last_epoch(tmp_path, monkeypatch):
+    # Ctrl-C during the last epoch's evaluation: the run stops after saving
+    # the final checkpoint, and the resume only has the summary left to write.
+    out = tmp_path / "run"
+    stop = StopFlag()
+    evaluate = loop.evaluate
+
+    def interrupted_evaluate(*args, **kwargs):
+        stop.signum = signal.SIGINT
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", interrupted_evaluate)
+    code, _, _ = run(tiny(out), stop=stop)
+    assert code == loop.EXIT_INTERRUPTED
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    code, _, text = run(loop.resume_config({"out": str(out), "resume": True}))
+    assert code == 0
+    assert text.splitlines()[0] == ("resuming from checkpoints/ckpt-000000002 "
+                                    "(after epoch 1 of 1, step 2)")
 
 
 def test_resume_skips_a_corrupted_checkpoint(tmp_path):
