@@ -192,6 +192,10 @@ def validate(cfg: Config) -> None:
     if cfg.compile_cache is not None and not cfg.compile_cache.strip():
         raise ConfigError("--compile-cache needs a folder, or 'off' for no cache")
     _validate_parallel(cfg)
+    if cfg.norm == "ghost" and cfg.virtual_batch_size < 2:
+        raise ConfigError(
+            f"--norm ghost needs ghost batches of at least 2 examples to estimate statistics; "
+            f"raise --virtual-batch-size (got {cfg.virtual_batch_size})")
     if cfg.batch_size is not None:
         if cfg.batch_size % cfg.devices:
             raise ConfigError(
