@@ -420,6 +420,12 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
         # checkpoint still resumes as itself.
         write_json_atomic(out / RUN_CONFIG, cfg.to_dict())
         return train()
+    except OSError as e:
+        # A full disk or quota: the last complete checkpoint is intact. The
+        # settings may not be saved yet, so the hint keeps the command line.
+        raise RunError(
+            f"cannot write into --out {out}: {e.strerror or e}; make room there, then run "
+            f"the same command with --resume to continue") from None
     finally:
         os.close(lock_fd)
 
@@ -594,12 +600,8 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                                  + time.perf_counter() - segment_start)
         meta = {"bookkeeping": dataclasses.asdict(bk), "config": cfg.to_dict(),
                 "metrics_bytes": metrics_file.tell(), "created": time.time()}
-        try:
-            return checkpoint.save(ckpt_root, steps.to_host(state), meta, position=position,
-                                   keep=KEEP_CHECKPOINTS)
-        except OSError as e:
-            raise RunError(f"cannot write a checkpoint into {ckpt_root}: "
-                           f"{e.strerror or e}") from None
+        return checkpoint.save(ckpt_root, steps.to_host(state), meta, position=position,
+                               keep=KEEP_CHECKPOINTS)
 
     def write(rec: dict) -> None:
         metrics_file.write(json.dumps(rec) + "\n")
@@ -651,7 +653,10 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                 if agreed_stop(flag, cfg.num_processes):
                     return _interrupted(cfg, flag, save_checkpoint, progress, (epoch + 1) * spe)
     finally:
-        metrics_file.close()
+        # After a failed write the buffer still holds lines past the last
+        # checkpoint, which a resume cuts anyway: closing must not raise again.
+        with contextlib.suppress(OSError):
+            metrics_file.close()
 
     train_seconds = book.train_seconds + time.perf_counter() - segment_start
     # Throughput without compilation: steps after each start's first. A run
