@@ -693,9 +693,10 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
               file=stdout, flush=True)
         return 0, summary
     write_json_atomic(out / "summary.json", summary)
-    _draw_plots(cfg, out, progress.message)
-    progress.message(f"wrote summary.json, metrics.jsonl, loss.png, accuracy.png and "
-                     f"checkpoints/ in {out}")
+    written = ["summary.json", "metrics.jsonl"]
+    if _draw_plots(cfg, out, progress.message):
+        written += plots.FILES.values()
+    progress.message(f"wrote {', '.join(written)} and checkpoints/ in {out}")
     speed = ("no images/s: they are measured after the first step, the only one" if ips is None
              else f"{ips:.0f} images/s after the first step")
     progress.message(
@@ -704,12 +705,17 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
     return 0, summary
 
 
-def _draw_plots(cfg: Config, out: Path, warn: Callable[[str], None]) -> None:
+def _draw_plots(cfg: Config, out: Path, warn: Callable[[str], None]) -> bool:
+    """Draw the plots of the run in ``out``; False (after a warning) if they failed."""
     try:
         plots.plot_run(plots.read_metrics(out / "metrics.jsonl"), out,
                        title=f"{cfg.dataset} {cfg.model} norm={cfg.norm} seed={cfg.seed}")
     except Exception as e:  # plots are a convenience; never lose a finished run over them
-        warn(f"warning: could not draw plots: {e}")
+        # Resuming a finished run draws missing plots.
+        warn(f"warning: could not draw plots: {e}; once that is fixed, python -m train "
+             f"--out {shlex.quote(str(out))} --resume draws them")
+        return False
+    return True
 
 
 def _interrupted(cfg, flag, save_checkpoint, progress, gstep) -> tuple[int, None]:

@@ -271,6 +271,26 @@ def test_resuming_a_finished_run_draws_missing_plots(tmp_path):
     assert (out / "summary.json").read_bytes() == summary
 
 
+def test_plots_that_cannot_be_drawn_are_not_claimed_and_resume_draws_them(tmp_path,
+                                                                          monkeypatch):
+    # matplotlib missing (jaxbn installed without its [train] extra)
+    def no_matplotlib(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'matplotlib'")
+
+    out = tmp_path / "run"
+    draw = loop.plots.plot_run
+    monkeypatch.setattr(loop.plots, "plot_run", no_matplotlib)
+    code, _, text = run(tiny(out))
+    assert code == 0 and (out / "summary.json").exists() and not (out / "loss.png").exists()
+    lines = text.splitlines()
+    assert lines[-3] == (f"warning: could not draw plots: No module named 'matplotlib'; once "
+                         f"that is fixed, python -m train --out {out} --resume draws them")
+    assert lines[-2] == f"wrote summary.json, metrics.jsonl and checkpoints/ in {out}"
+    monkeypatch.setattr(loop.plots, "plot_run", draw)
+    code, _, text = run(tiny(out, resume=True))
+    assert code == 0 and (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_resume_with_nothing_to_resume_says_it_starts_a_new_run(tmp_path):
     out = tmp_path / "run"
     code, _, text = run(tiny(out, resume=True))
