@@ -360,6 +360,8 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
     def say(message: str) -> None:
         print(message, file=stdout, flush=True)
 
+    # Whether the settings come from a run saved in --out (else the command line).
+    saved_run = cfg.resume and any((out / m).exists() for m in RUN_MARKERS)
     if cfg.resume:
         summary = finished_summary(out)
         if summary is not None:
@@ -370,7 +372,7 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
                 say(f"the run in {out} is already complete (test accuracy "
                     f"{100 * summary['test_accuracy']:.2f}%); nothing to resume")
             return 0, summary
-        if primary and not any((out / m).exists() for m in RUN_MARKERS):
+        if primary and not saved_run:
             # Launch scripts of preemptible jobs pass --resume from the first start.
             say(f"nothing to resume in {out}: starting a new run")
     join_processes(cfg)
@@ -379,7 +381,7 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
     try:
         mesh = steps.make_mesh(cfg.devices)
     except ValueError as e:
-        if cfg.resume:
+        if saved_run:
             per_process = "" if cfg.num_processes == 1 else " in each process"
             raise ConfigError(
                 f"the run in {cfg.out} was checkpointed on --devices {cfg.devices}, but only "
