@@ -381,13 +381,17 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
     try:
         mesh = steps.make_mesh(cfg.devices)
     except ValueError as e:
+        per_process = "" if cfg.num_processes == 1 else " in each process"
+        simulate = (f"XLA_FLAGS=--xla_force_host_platform_device_count="
+                    f"{cfg.devices // cfg.num_processes}{per_process}")
         if saved_run:
-            per_process = "" if cfg.num_processes == 1 else " in each process"
             raise ConfigError(
                 f"the run in {cfg.out} was checkpointed on --devices {cfg.devices}, but only "
                 f"{jax.device_count()} device(s) are visible; resume it where {cfg.devices} "
-                f"are (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count="
-                f"{cfg.devices // cfg.num_processes}{per_process}) or start a new --out") from None
+                f"are (on CPU: {simulate}) or start a new --out") from None
+        if jax.devices()[0].platform == "cpu":
+            raise ConfigError(f"{e}, or simulate {cfg.devices} CPU devices with "
+                              f"{simulate}") from None
         raise ConfigError(str(e)) from None
     if primary:
         check_out_dir(cfg.out, cfg.resume)

@@ -118,7 +118,9 @@ def test_resume_checks_typed_options_against_the_run_not_the_defaults(tmp_path):
 def test_too_many_devices(tmp_path, resume):
     # With nothing in --out, --resume starts a new run: no checkpoint chose the devices.
     proc = run_cli("--devices", "4", "--batch-size", "32", "--out", tmp_path / "o", *resume)
-    assert_one_line_error(proc, "--devices 4 but only 1 cpu device(s) are visible; lower --devices")
+    assert_one_line_error(proc, "--devices 4 but only 1 cpu device(s) are visible; lower "
+                                "--devices, or simulate 4 CPU devices with "
+                                "XLA_FLAGS=--xla_force_host_platform_device_count=4")
     assert not (tmp_path / "o").exists()
 
 
