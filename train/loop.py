@@ -122,9 +122,10 @@ def resume_config(explicit: dict[str, Any]) -> Config:
             return probe
     for key, value in explicit.items():
         if key in TRAINING_FIELDS and key in saved and saved[key] != value:
+            was = "which does not set it" if saved[key] is None else saved[key]
             raise ConfigError(
                 f"--{key.replace('_', '-')} {value} differs from the run in {probe.out} "
-                f"({saved[key]}); drop the option to resume, or choose another --out")
+                f"({was}); drop the option to resume, or choose another --out")
     known = {f.name for f in dataclasses.fields(Config)}
     # The saved data_dir is where the files were (often JAXBN_DATA's value
     # then); where JAXBN_DATA points now wins, as its error messages advise.

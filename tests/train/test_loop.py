@@ -163,6 +163,18 @@ def test_resume_takes_the_settings_of_the_checkpointed_run(tmp_path):
     assert (cfg.norm, cfg.seed, cfg.epochs, cfg.limit_train) == ("layer", 5, 2, 64)
     with pytest.raises(ConfigError, match="--seed 6 differs from the run"):
         loop.resume_config({"out": str(out), "resume": True, "seed": 6})
+    with pytest.raises(ConfigError, match=r"--limit-train 32 differs from the run in .* "
+                                          r"\(64\)"):
+        loop.resume_config({"out": str(out), "resume": True, "limit_train": 32})
+
+
+def test_resume_names_an_unset_option_as_such(tmp_path):
+    out = tmp_path / "run"
+    _run_config_only(out, limit_train=None)
+    with pytest.raises(ConfigError) as info:
+        loop.resume_config({"out": str(out), "resume": True, "limit_train": 32})
+    assert str(info.value) == (f"--limit-train 32 differs from the run in {out} (which does not "
+                               f"set it); drop the option to resume, or choose another --out")
 
 
 def test_refuses_an_out_dir_that_holds_another_run(tmp_path):
