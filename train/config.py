@@ -192,6 +192,10 @@ def validate(cfg: Config) -> None:
     if cfg.compile_cache is not None and not cfg.compile_cache.strip():
         raise ConfigError("--compile-cache needs a folder, or 'off' for no cache")
     _validate_parallel(cfg)
+    if cfg.norm == "ghost" and cfg.virtual_batch_size < 2:
+        raise ConfigError(
+            f"--norm ghost needs ghost batches of at least 2 examples to estimate statistics; "
+            f"raise --virtual-batch-size (got {cfg.virtual_batch_size})")
     if cfg.batch_size is not None:
         if cfg.batch_size % cfg.devices:
             raise ConfigError(
@@ -202,10 +206,18 @@ def validate(cfg: Config) -> None:
                 f"--norm ghost splits each device's batch of {cfg.batch_size // cfg.devices} "
                 f"into ghost batches of --virtual-batch-size {cfg.virtual_batch_size}; pick "
                 f"sizes that divide evenly")
-        if cfg.norm in BATCH_STAT_NORMS and cfg.batch_size // cfg.devices < 2:
+        # Batch norms pool the statistics of each group of devices.
+        pooled = cfg.batch_size // cfg.devices * cfg.bn_group_size
+        if cfg.norm in BATCH_STAT_NORMS and pooled < 2:
+            if cfg.devices == 1:
+                raise ConfigError(
+                    f"--norm {cfg.norm} needs at least 2 examples per batch to estimate "
+                    f"statistics; raise --batch-size (got {cfg.batch_size})")
             raise ConfigError(
-                f"--norm {cfg.norm} needs at least 2 examples per batch to estimate "
-                f"statistics; raise --batch-size (got {cfg.batch_size})")
+                f"--norm {cfg.norm} needs at least 2 examples for its statistics, and "
+                f"--batch-size {cfg.batch_size} over --devices {cfg.devices} pools {pooled} "
+                f"example per --bn-group-size {cfg.bn_group_size}; raise --batch-size or "
+                f"--bn-group-size")
 
 
 def _validate_parallel(cfg: Config) -> None:

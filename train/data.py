@@ -293,34 +293,58 @@ def download(dataset: str, data_dir: str | None, base_url: str | None = None, *,
 
 
 def _fetch_verified(url: str, target: Path, md5: str, timeout: float) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    tmp = None
     try:
-        digest = hashlib.md5(usedforsecurity=False)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part",
+                                   dir=target.parent)
         with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as resp:
-                    while chunk := resp.read(1 << 20):
-                        digest.update(chunk)
-                        out.write(chunk)
-            except urllib.error.HTTPError as e:
-                raise DataError(f"downloading {url} failed: HTTP {e.code} {e.reason}; "
-                                "check --base-url") from None
-            except (urllib.error.URLError, OSError) as e:
-                reason = getattr(e, "reason", None) or e
-                raise DataError(f"downloading {url} failed: {reason}; check --base-url "
-                                "and your network") from None
+            digest = _stream(url, out, timeout)
             out.flush()
             os.fsync(out.fileno())
-        if digest.hexdigest() != md5:
+        if digest != md5:
             raise DataError(
-                f"downloaded {url} fails its checksum (MD5 {digest.hexdigest()}, published "
-                f"{md5}); the mirror serves a different file, try another --base-url")
+                f"downloaded {url} fails its checksum (MD5 {digest}, published {md5}); the "
+                f"mirror serves a different file, try another --base-url")
         os.replace(tmp, target)
         tmp = None
         _fsync_dir(target.parent)
+    except OSError as e:  # network errors are DataErrors already: this is the folder
+        raise DataError(
+            f"cannot write into {target.parent}: {e.strerror or e}; point --data-dir (or "
+            f"JAXBN_DATA) at a folder you can write, or make room there") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _stream(url: str, out, timeout: float) -> str:
+    """Copy ``url`` into the file ``out``; return the MD5 of what was received.
+
+    Network failures raise DataError; a failed write into ``out`` stays an
+    OSError, which the caller reports as the folder's.
+    """
+    digest = hashlib.md5(usedforsecurity=False)
+    try:
+        resp = urllib.request.urlopen(url, timeout=timeout)
+    except OSError as e:  # URLError and HTTPError too
+        raise _network_error(url, e) from None
+    with resp:
+        while True:
+            try:
+                chunk = resp.read(1 << 20)
+            except OSError as e:
+                raise _network_error(url, e) from None
+            if not chunk:
+                return digest.hexdigest()
+            digest.update(chunk)
+            out.write(chunk)
+
+
+def _network_error(url: str, e: OSError) -> DataError:
+    if isinstance(e, urllib.error.HTTPError):
+        return DataError(f"downloading {url} failed: HTTP {e.code} {e.reason}; check --base-url")
+    reason = getattr(e, "reason", None) or e
+    return DataError(f"downloading {url} failed: {reason}; check --base-url and your network")
 
 
 def _fsync_dir(path: Path) -> None:

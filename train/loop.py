@@ -122,9 +122,10 @@ def resume_config(explicit: dict[str, Any]) -> Config:
             return probe
     for key, value in explicit.items():
         if key in TRAINING_FIELDS and key in saved and saved[key] != value:
+            was = "which does not set it" if saved[key] is None else saved[key]
             raise ConfigError(
                 f"--{key.replace('_', '-')} {value} differs from the run in {probe.out} "
-                f"({saved[key]}); drop the option to resume, or choose another --out")
+                f"({was}); drop the option to resume, or choose another --out")
     known = {f.name for f in dataclasses.fields(Config)}
     # The saved data_dir is where the files were (often JAXBN_DATA's value
     # then); where JAXBN_DATA points now wins, as its error messages advise.
@@ -360,6 +361,8 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
     def say(message: str) -> None:
         print(message, file=stdout, flush=True)
 
+    # Whether the settings come from a run saved in --out (else the command line).
+    saved_run = cfg.resume and any((out / m).exists() for m in RUN_MARKERS)
     if cfg.resume:
         summary = finished_summary(out)
         if summary is not None:
@@ -370,7 +373,7 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
                 say(f"the run in {out} is already complete (test accuracy "
                     f"{100 * summary['test_accuracy']:.2f}%); nothing to resume")
             return 0, summary
-        if primary and not any((out / m).exists() for m in RUN_MARKERS):
+        if primary and not saved_run:
             # Launch scripts of preemptible jobs pass --resume from the first start.
             say(f"nothing to resume in {out}: starting a new run")
     join_processes(cfg)
@@ -379,13 +382,17 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
     try:
         mesh = steps.make_mesh(cfg.devices)
     except ValueError as e:
-        if cfg.resume:
-            per_process = "" if cfg.num_processes == 1 else " in each process"
+        per_process = "" if cfg.num_processes == 1 else " in each process"
+        simulate = (f"XLA_FLAGS=--xla_force_host_platform_device_count="
+                    f"{cfg.devices // cfg.num_processes}{per_process}")
+        if saved_run:
             raise ConfigError(
                 f"the run in {cfg.out} was checkpointed on --devices {cfg.devices}, but only "
                 f"{jax.device_count()} device(s) are visible; resume it where {cfg.devices} "
-                f"are (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count="
-                f"{cfg.devices // cfg.num_processes}{per_process}) or start a new --out") from None
+                f"are (on CPU: {simulate}) or start a new --out") from None
+        if jax.devices()[0].platform == "cpu":
+            raise ConfigError(f"{e}, or simulate {cfg.devices} CPU devices with "
+                              f"{simulate}") from None
         raise ConfigError(str(e)) from None
     if primary:
         check_out_dir(cfg.out, cfg.resume)
@@ -420,6 +427,12 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
         # checkpoint still resumes as itself.
         write_json_atomic(out / RUN_CONFIG, cfg.to_dict())
         return train()
+    except OSError as e:
+        # A full disk or quota: the last complete checkpoint is intact. The
+        # settings may not be saved yet, so the hint keeps the command line.
+        raise RunError(
+            f"cannot write into --out {out}: {e.strerror or e}; make room there, then run "
+            f"the same command with --resume to continue") from None
     finally:
         os.close(lock_fd)
 
@@ -559,9 +572,12 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
             resumed_from = meta["position"]
             if primary:
                 _truncate(metrics_path, meta["metrics_bytes"], progress)
+            # The checkpoint after the last epoch leaves only the summary to write.
+            where = (f"after epoch {cfg.epochs} of {cfg.epochs}" if book.epoch >= cfg.epochs
+                     else f"epoch {book.epoch + 1}")
             progress.message(
                 f"resuming from {ckpt_root.name}/ckpt-{resumed_from:09d} "
-                f"(epoch {book.epoch + 1}, step {resumed_from})")
+                f"({where}, step {resumed_from})")
         else:
             if checkpoint.list_checkpoints(ckpt_root):
                 progress.message(f"no checkpoint in {ckpt_root} verifies (see the warnings "
@@ -591,12 +607,8 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                                  + time.perf_counter() - segment_start)
         meta = {"bookkeeping": dataclasses.asdict(bk), "config": cfg.to_dict(),
                 "metrics_bytes": metrics_file.tell(), "created": time.time()}
-        try:
-            return checkpoint.save(ckpt_root, steps.to_host(state), meta, position=position,
-                                   keep=KEEP_CHECKPOINTS)
-        except OSError as e:
-            raise RunError(f"cannot write a checkpoint into {ckpt_root}: "
-                           f"{e.strerror or e}") from None
+        return checkpoint.save(ckpt_root, steps.to_host(state), meta, position=position,
+                               keep=KEEP_CHECKPOINTS)
 
     def write(rec: dict) -> None:
         metrics_file.write(json.dumps(rec) + "\n")
@@ -648,7 +660,10 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                 if agreed_stop(flag, cfg.num_processes):
                     return _interrupted(cfg, flag, save_checkpoint, progress, (epoch + 1) * spe)
     finally:
-        metrics_file.close()
+        # After a failed write the buffer still holds lines past the last
+        # checkpoint, which a resume cuts anyway: closing must not raise again.
+        with contextlib.suppress(OSError):
+            metrics_file.close()
 
     train_seconds = book.train_seconds + time.perf_counter() - segment_start
     # Throughput without compilation: steps after each start's first. A run
@@ -685,9 +700,10 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
               file=stdout, flush=True)
         return 0, summary
     write_json_atomic(out / "summary.json", summary)
-    _draw_plots(cfg, out, progress.message)
-    progress.message(f"wrote summary.json, metrics.jsonl, loss.png, accuracy.png and "
-                     f"checkpoints/ in {out}")
+    written = ["summary.json", "metrics.jsonl"]
+    if _draw_plots(cfg, out, progress.message):
+        written += plots.FILES.values()
+    progress.message(f"wrote {', '.join(written)} and checkpoints/ in {out}")
     speed = ("no images/s: they are measured after the first step, the only one" if ips is None
              else f"{ips:.0f} images/s after the first step")
     progress.message(
@@ -696,12 +712,17 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
     return 0, summary
 
 
-def _draw_plots(cfg: Config, out: Path, warn: Callable[[str], None]) -> None:
+def _draw_plots(cfg: Config, out: Path, warn: Callable[[str], None]) -> bool:
+    """Draw the plots of the run in ``out``; False (after a warning) if they failed."""
     try:
         plots.plot_run(plots.read_metrics(out / "metrics.jsonl"), out,
                        title=f"{cfg.dataset} {cfg.model} norm={cfg.norm} seed={cfg.seed}")
     except Exception as e:  # plots are a convenience; never lose a finished run over them
-        warn(f"warning: could not draw plots: {e}")
+        # Resuming a finished run draws missing plots.
+        warn(f"warning: could not draw plots: {e}; once that is fixed, python -m train "
+             f"--out {shlex.quote(str(out))} --resume draws them")
+        return False
+    return True
 
 
 def _interrupted(cfg, flag, save_checkpoint, progress, gstep) -> tuple[int, None]:

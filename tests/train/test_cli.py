@@ -114,9 +114,14 @@ def test_resume_checks_typed_options_against_the_run_not_the_defaults(tmp_path):
     assert "already complete" in proc.stdout
 
 
-def test_too_many_devices(tmp_path):
-    proc = run_cli("--devices", "4", "--batch-size", "32", "--out", tmp_path / "o")
-    assert_one_line_error(proc, "--devices 4 but only 1")
+@pytest.mark.parametrize("resume", [[], ["--resume"]], ids=["new", "resume-with-nothing-saved"])
+def test_too_many_devices(tmp_path, resume):
+    # With nothing in --out, --resume starts a new run: no checkpoint chose the devices.
+    proc = run_cli("--devices", "4", "--batch-size", "32", "--out", tmp_path / "o", *resume)
+    assert_one_line_error(proc, "--devices 4 but only 1 cpu device(s) are visible; lower "
+                                "--devices, or simulate 4 CPU devices with "
+                                "XLA_FLAGS=--xla_force_host_platform_device_count=4")
+    assert not (tmp_path / "o").exists()
 
 
 TINY = ["--model", "mlp", "--limit-train", "320", "--batch-size", "32", "--epochs", "2"]

@@ -49,6 +49,7 @@ def test_config_is_frozen():
     (["--batch-size", "30", "--devices", "4"], "not divisible by --devices 4"),
     (["--batch-size", "1"], "at least 2 examples"),
     (["--norm", "ghost", "--batch-size", "40", "--virtual-batch-size", "16"], "divide evenly"),
+    (["--norm", "ghost", "--virtual-batch-size", "1"], "ghost batches of at least 2 examples"),
     (["--max-bad-steps", "0"], "--max-bad-steps must be at least 1"),
     (["--bn-momentum", "1"], "--bn-momentum must be in [0, 1)"),
     (["--weight-decay", "-1"], "--weight-decay must be >= 0"),

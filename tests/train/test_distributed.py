@@ -74,6 +74,23 @@ def test_bn_groups_match_ghost_batches(tmp_path):
     assert max(diffs) > 1e-3
 
 
+def test_one_example_per_device_trains_when_batch_norm_pools_the_devices(tmp_path):
+    # Synced statistics pool the devices' examples: 4 devices of one example
+    # each normalize like one device with a batch of 4.
+    # (Batches this small amplify rounding: the states agree to a few 1e-3.)
+    small = dict(model="mlp", batch_size=4, limit_train=16)
+    _, one = _run(tmp_path, "one", **small)
+    code, four = _run(tmp_path, "four", devices=4, **small)
+    assert code == 0
+    np.testing.assert_allclose(four["test_loss"], one["test_loss"], rtol=1e-5)
+    with pytest.raises(ConfigError) as info:
+        resolve(Config(devices=4, bn_group_size=1, **small))
+    assert str(info.value) == (
+        "--norm batch needs at least 2 examples for its statistics, and --batch-size 4 over "
+        "--devices 4 pools 1 example per --bn-group-size 1; raise --batch-size or "
+        "--bn-group-size")
+
+
 def test_norm_options_groups():
     cfg = resolve(Config(devices=8, bn_group_size=4, batch_size=64))
     opts = loop.norm_options(cfg)

@@ -1,5 +1,8 @@
 """--download against a local HTTP server (never the internet)."""
 
+import errno
+import os
+
 import pytest
 
 from train import data
@@ -54,3 +57,44 @@ def test_download_reports_unreachable_hosts(tmp_path):
     with pytest.raises(DataError, match="downloading http://127.0.0.1:9/"):
         data.download("mnist", str(tmp_path / "d"), "http://127.0.0.1:9/", timeout=5,
                       log=lambda m: None)
+
+
+class _FullDisk:
+    """A file opened for writing on a full disk: every write fails."""
+
+    def __init__(self, fd, mode):
+        os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_download_into_a_folder_it_cannot_write_names_the_folder(tmp_path, monkeypatch):
+    # A shared, read-only dataset folder missing a file; nothing is fetched.
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(data.tempfile, "mkstemp", read_only)
+    folder = tmp_path / "d" / "mnist"
+    with pytest.raises(DataError) as info:
+        data.download("mnist", str(tmp_path / "d"), "http://127.0.0.1:9/", log=lambda m: None)
+    assert str(info.value) == (
+        f"cannot write into {folder}: Permission denied; point --data-dir (or JAXBN_DATA) "
+        f"at a folder you can write, or make room there")
+
+
+def test_a_full_disk_during_download_is_not_blamed_on_the_network(tmp_path, server,
+                                                                  monkeypatch):
+    url, _, _ = server
+    monkeypatch.setattr(data.os, "fdopen", _FullDisk)
+    folder = tmp_path / "d" / "mnist"
+    with pytest.raises(DataError) as info:
+        data.download("mnist", str(tmp_path / "d"), url, log=lambda m: None)
+    assert str(info.value).startswith(f"cannot write into {folder}: No space left on device;")
+    assert not list(folder.iterdir())  # the partial file is removed

@@ -4,12 +4,14 @@ import fcntl
 import io
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
 
 from train import checkpoint, data, loop
 from train.config import MAX_STEPS, Config, ConfigError, resolve
+from train.signals import StopFlag
 
 TIMING_KEYS = loop.TIMING_FIELDS
 
@@ -117,6 +119,27 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, stop_at):
     assert without_timings(records(tmp_path / "cut")) == without_timings(records(tmp_path / "ref"))
 
 
+def test_resume_after_the_final_evaluation_names_the_last_epoch(tmp_path, monkeypatch):
+    # Ctrl-C during the last epoch's evaluation: the run stops after saving
+    # the final checkpoint, and the resume only has the summary left to write.
+    out = tmp_path / "run"
+    stop = StopFlag()
+    evaluate = loop.evaluate
+
+    def interrupted_evaluate(*args, **kwargs):
+        stop.signum = signal.SIGINT
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", interrupted_evaluate)
+    code, _, _ = run(tiny(out), stop=stop)
+    assert code == loop.EXIT_INTERRUPTED
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    code, _, text = run(loop.resume_config({"out": str(out), "resume": True}))
+    assert code == 0
+    assert text.splitlines()[0] == ("resuming from checkpoints/ckpt-000000002 "
+                                    "(after epoch 1 of 1, step 2)")
+
+
 def test_resume_skips_a_corrupted_checkpoint(tmp_path):
     kw = dict(epochs=2, limit_train=320)
     _, ref, _ = run(tiny(tmp_path / "ref", **kw))
@@ -140,6 +163,18 @@ def test_resume_takes_the_settings_of_the_checkpointed_run(tmp_path):
     assert (cfg.norm, cfg.seed, cfg.epochs, cfg.limit_train) == ("layer", 5, 2, 64)
     with pytest.raises(ConfigError, match="--seed 6 differs from the run"):
         loop.resume_config({"out": str(out), "resume": True, "seed": 6})
+    with pytest.raises(ConfigError, match=r"--limit-train 32 differs from the run in .* "
+                                          r"\(64\)"):
+        loop.resume_config({"out": str(out), "resume": True, "limit_train": 32})
+
+
+def test_resume_names_an_unset_option_as_such(tmp_path):
+    out = tmp_path / "run"
+    _run_config_only(out, limit_train=None)
+    with pytest.raises(ConfigError) as info:
+        loop.resume_config({"out": str(out), "resume": True, "limit_train": 32})
+    assert str(info.value) == (f"--limit-train 32 differs from the run in {out} (which does not "
+                               f"set it); drop the option to resume, or choose another --out")
 
 
 def test_refuses_an_out_dir_that_holds_another_run(tmp_path):
@@ -246,6 +281,26 @@ def test_resuming_a_finished_run_draws_missing_plots(tmp_path):
     assert code == 0 and "already complete" in text
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "summary.json").read_bytes() == summary
+
+
+def test_plots_that_cannot_be_drawn_are_not_claimed_and_resume_draws_them(tmp_path,
+                                                                          monkeypatch):
+    # matplotlib missing (jaxbn installed without its [train] extra)
+    def no_matplotlib(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'matplotlib'")
+
+    out = tmp_path / "run"
+    draw = loop.plots.plot_run
+    monkeypatch.setattr(loop.plots, "plot_run", no_matplotlib)
+    code, _, text = run(tiny(out))
+    assert code == 0 and (out / "summary.json").exists() and not (out / "loss.png").exists()
+    lines = text.splitlines()
+    assert lines[-3] == (f"warning: could not draw plots: No module named 'matplotlib'; once "
+                         f"that is fixed, python -m train --out {out} --resume draws them")
+    assert lines[-2] == f"wrote summary.json, metrics.jsonl and checkpoints/ in {out}"
+    monkeypatch.setattr(loop.plots, "plot_run", draw)
+    code, _, text = run(tiny(out, resume=True))
+    assert code == 0 and (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_resume_with_nothing_to_resume_says_it_starts_a_new_run(tmp_path):
