@@ -328,6 +328,7 @@ def _stream(url: str, out, timeout: float) -> str:
         resp = urllib.request.urlopen(url, timeout=timeout)
     except OSError as e:  # URLError and HTTPError too
         raise _network_error(url, e) from None
+    received = 0
     with resp:
         while True:
             try:
@@ -335,9 +336,16 @@ def _stream(url: str, out, timeout: float) -> str:
             except OSError as e:
                 raise _network_error(url, e) from None
             if not chunk:
-                return digest.hexdigest()
+                break
             digest.update(chunk)
             out.write(chunk)
+            received += len(chunk)
+    # http.client ends a body cut short as if it were complete; without this
+    # a dropped connection would pass for a mirror serving another file.
+    if resp.length:
+        raise DataError(f"downloading {url} failed: the connection closed after {received} of "
+                        f"{received + resp.length} bytes; try again")
+    return digest.hexdigest()
 
 
 def _network_error(url: str, e: OSError) -> DataError:

@@ -2,6 +2,8 @@
 
 import errno
 import os
+import socket
+import threading
 
 import pytest
 
@@ -98,3 +100,28 @@ def test_a_full_disk_during_download_is_not_blamed_on_the_network(tmp_path, serv
         data.download("mnist", str(tmp_path / "d"), url, log=lambda m: None)
     assert str(info.value).startswith(f"cannot write into {folder}: No space left on device;")
     assert not list(folder.iterdir())  # the partial file is removed
+
+
+def test_download_reports_a_connection_closed_before_the_end(tmp_path):
+    # A server that announces more bytes than it sends, then hangs up.
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve_short_files():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+
+    threading.Thread(target=serve_short_files, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/"
+    try:
+        with pytest.raises(DataError, match="closed after 10 of 1000 bytes; try again") as info:
+            data.download("mnist", str(tmp_path / "d"), url, timeout=5, log=lambda m: None)
+    finally:
+        listener.close()
+    assert "checksum" not in str(info.value)
+    assert not list((tmp_path / "d" / "mnist").glob(".*.part"))
