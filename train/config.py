@@ -140,6 +140,9 @@ def resolve(cfg: Config, *, check: bool = True) -> Config:
         cfg = dataclasses.replace(cfg, bn_group_size=cfg.devices)
     if cfg.out is None:
         cfg = dataclasses.replace(cfg, out=default_out_dir(cfg))
+    # A shell leaves ~ alone in --out=~/runs: the folder meant is still the home one.
+    cfg = dataclasses.replace(cfg, out=os.path.expanduser(cfg.out), compile_cache=(
+        None if cfg.compile_cache is None else os.path.expanduser(cfg.compile_cache)))
     if check:
         validate(cfg)
     return cfg

@@ -31,6 +31,13 @@ def test_data_dir_falls_back_to_environment(monkeypatch):
     assert parse_args(["--dataset", "mnist", "--data-dir", "/else"]).data_dir == "/else"
 
 
+def test_a_tilde_the_shell_left_means_the_home_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = parse_args(["--out=~/runs/a", "--compile-cache=~/.cache/xla"])
+    assert (cfg.out, cfg.compile_cache) == (f"{tmp_path}/runs/a", f"{tmp_path}/.cache/xla")
+    assert parse_args(["--compile-cache", "off"]).compile_cache == "off"
+
+
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         parse_args([]).epochs = 3
