@@ -165,9 +165,10 @@ def precise_bn_nnx(model, batches: Iterable, *, num_batches: int | None = None,
     graphdef, state = nnx.split(model)
 
     def batch_stats(state, batch):
-      # Filled while the copy runs (while tracing, under jit).
+      # Filled while the copy runs (while tracing, under jit). A fresh copy
+      # per batch: without jit, merging would reuse the model's own variables.
       captured.clear()
-      call(nnx.merge(graphdef, state), batch)
+      call(nnx.merge(graphdef, state, copy=True), batch)
       return dict(captured)
 
     if jit:

@@ -270,6 +270,27 @@ def test_nnx_renorm_corrects_towards_its_trained_statistics():
   assert model.layers[1].use_running_average is False
 
 
+@pytest.mark.parametrize('jit', [True, False])
+def test_nnx_each_batch_runs_on_the_trained_variables(jit):
+  # The running statistics the renorm corrects towards (momentum 0.5 would
+  # move them far between batches) and the step count stay as trained.
+  import jaxbn.nnx as jnnx
+  rngs = nnx.Rngs(0)
+  model = nnx.Sequential(jnnx.BatchRenorm(3, momentum=0.5, rngs=rngs),
+                         jnnx.BatchNorm(3, momentum=None, rngs=rngs))
+  # Corrections inside the limits: r ~ 1 / 1.2, d ~ -0.4.
+  model.layers[0].mean[...] = jnp.asarray(MU + 0.5 * STD, jnp.float32)
+  model.layers[0].var[...] = jnp.asarray((1.2 * STD) ** 2, jnp.float32)
+  model.layers[1].count[...] = jnp.asarray(7)
+  trained = nnx.clone(model)
+  xs = _batches(4, size=16, seed=16)
+  precise_bn_nnx(model, xs, jit=jit)
+  mean, var = np_pooled([np.asarray(nnx.clone(trained).layers[0](x), np.float64) for x in xs])
+  np.testing.assert_allclose(model.layers[1].mean[...], mean, **F32_TOL)
+  np.testing.assert_allclose(model.layers[1].var[...], var, **F32_TOL)
+  assert int(model.layers[1].count[...]) == 7
+
+
 def test_nnx_errors():
   with pytest.raises(ValueError, match='no batch norm'):
     precise_bn_nnx(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), _batches(1))
