@@ -196,11 +196,15 @@ def axis_groups(axis_name, axis_index_groups) -> None:
         'index into.')
 
 
+def one_value_per_feature(shape, reduction_axes) -> bool:
+  """Whether ``reduction_axes`` hold at most one value, as far as the shape
+  tells: a symbolic size (a shape-polymorphic export) is known at run time."""
+  n = math.prod(shape[a] for a in reduction_axes)
+  return isinstance(n, int) and n <= 1
+
+
 def more_than_one_value(shape, reduction_axes):
-  n = 1
-  for a in reduction_axes:
-    n *= shape[a]
-  if n <= 1:
+  if one_value_per_feature(shape, reduction_axes):
     raise ValueError(
         f'expected more than 1 value per feature in training, got input shape '
         f'{shape}: batch statistics of a single value are meaningless. Use a '

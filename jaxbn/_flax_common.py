@@ -33,10 +33,6 @@ def feature_axes(axis, ndim: int) -> tuple[int, ...]:
   return _checks.canonical_axes(axis, ndim)
 
 
-def values_per_feature(shape, axes: tuple[int, ...]) -> int:
-  return math.prod(d for i, d in enumerate(shape) if i not in axes)
-
-
 def check_batch(shape, axes: tuple[int, ...], *, mask, axis_name) -> None:
   """Refuses a training call that sees a single value per feature.
 
@@ -46,7 +42,7 @@ def check_batch(shape, axes: tuple[int, ...], *, mask, axis_name) -> None:
   """
   if mask is not None or axis_name is not None:
     return
-  if values_per_feature(shape, axes) <= 1:
+  if _checks.one_value_per_feature(shape, _checks.complement_axes(axes, len(shape))):
     raise ValueError(
         f'BatchNorm in training mode got input shape {tuple(shape)}, i.e. '
         'one value per feature: its batch statistics are meaningless. Use a '

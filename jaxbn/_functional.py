@@ -71,18 +71,21 @@ def normalize_checked(x, mean, var, scale, bias, feature_axes, epsilon, dtype, n
   # less accurate and, emulated, twice as slow as float32.
   per_feature = [None if v is None else jnp.reshape(v, shape).astype(stats_dtype(v.dtype))
                  for v in (mean, var, scale, bias)]
+  # In the variance's dtype: an int epsilon would have no tangent to add.
+  epsilon = jnp.asarray(epsilon, per_feature[1].dtype)
   return _affine_normalize(x, x if narrow is None else narrow, *per_feature, epsilon,
                            jnp.dtype(dtype))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(7,))
 def _affine_normalize(x, reads, mean, var, scale, bias, epsilon, dtype):
   """``normalize`` on per-feature arrays already shaped to broadcast against ``x``.
 
   ``reads`` holds ``x``'s values, maybe in a narrower dtype: the derivative
   rule's ``x - mean`` term is formed from it, so the backward pass keeps
   (and, rematerializing, reads) the narrow array, and higher derivatives
-  of that term flow through it.
+  of that term flow through it. ``epsilon`` is an operand, not a static
+  argument: it may be traced (a jit argument), and then it has a derivative.
   """
   y = (x - mean) * _multiplier(var, scale, epsilon)
   return (y if bias is None else y + bias).astype(dtype)
@@ -94,18 +97,18 @@ def _multiplier(var, scale, epsilon):
 
 
 @_affine_normalize.defjvp
-def _affine_normalize_jvp(epsilon, dtype, primals, tangents):
+def _affine_normalize_jvp(dtype, primals, tangents):
   # The derivative autodiff would give, arranged so that its transpose
   # (the backward pass) reduces the cotangent once per per-feature input:
   # the per-feature tangents are combined before they are broadcast, so
   # XLA never materializes a full-size ``cotangent * multiplier`` just to
   # sum it (one array pass fewer than autodiff of the forward).
-  x, reads, mean, var, scale, bias = primals
-  dx, _, dmean, dvar, dscale, dbias = tangents
+  x, reads, mean, var, scale, bias, epsilon = primals
+  dx, _, dmean, dvar, dscale, dbias, depsilon = tangents
   inv = lax.rsqrt(var + epsilon)
   mul = _multiplier(var, scale, epsilon)
   y = (x - mean) * mul
-  dmul = -0.5 * inv * inv * dvar * mul  # d rsqrt(var + eps) * scale
+  dmul = -0.5 * inv * inv * (dvar + depsilon) * mul  # d rsqrt(var + eps) * scale
   if scale is not None:
     dmul = dmul + inv * dscale
   offset = -dmean * mul

@@ -173,12 +173,13 @@ def _shifted_moments(x, reduction_axes):
 
 def _median_of_three(x, reduction_axes):
   """Per feature, the median of the first three entries along the first
-  reduced axis (the first entry where that axis is shorter); real and
-  imaginary parts apart."""
+  reduced axis (the first entry where that axis is shorter or of a symbolic
+  length, in a shape-polymorphic export); real and imaginary parts apart."""
   if not reduction_axes:
     return x
   axis = min(reduction_axes)
-  count = min(3, x.shape[axis])
+  length = x.shape[axis]
+  count = min(3, length) if isinstance(length, int) else 1
   head = _leading_block(x, {a: count if a == axis else 1 for a in reduction_axes})
   if count < 3:
     return lax.slice_in_dim(head, 0, 1, axis=axis)

@@ -37,6 +37,7 @@ from jaxbn._flax_common import bool_mask, floating_input
 from jaxbn._functional import _running_variance, moments
 from jaxbn._moments import Moments
 from jaxbn._moments import pool_moments
+from jaxbn._moments import stats_dtype
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
@@ -121,17 +122,19 @@ def precise_bn_nnx(model, batches: Iterable, *, num_batches: int | None = None,
   ``num_batches`` batches with every batch norm in training mode, on a copy
   of the model whose variables stay as trained (so a batch renorm corrects
   towards its trained running statistics, as in training). Each batch
-  norm's inputs are recorded as it is called: it gets the exact mean and
-  variance of all of them (with its ``mask``), whatever the batch sizes.
+  norm's inputs are recorded as it is called, inside the model's own
+  transforms (``nnx.jit``, ``nnx.remat``, ``nnx.scan``, ``nnx.vmap``) too: it
+  gets the exact mean and variance of all of them (with its ``mask``),
+  whatever the batch sizes.
   The variance is biased unless the layer keeps ``running_var='unbiased'``.
   Other modules keep their mode, so put dropout in the mode you want first
   (``model.eval()`` disables it; the batch norms are switched to training
   mode here anyway). A batch norm is any module whose ``mean`` and ``var``
   are ``nnx.BatchStat`` and that has ``axis`` and ``use_running_average``
   attributes (``flax.nnx.BatchNorm``, ``jaxbn.nnx.BatchNorm`` and
-  ``BatchRenorm``). Layers that are not called keep their statistics; so do
-  step counts. On an error the model is left as it was. Returns ``model``
-  (changed in place).
+  ``BatchRenorm``). Layers that are not called, and features that see no
+  valid entry, keep their statistics; so do step counts. On an error the
+  model is left as it was. Returns ``model`` (changed in place).
 
   Example:
     >>> import jax, jaxbn
@@ -155,52 +158,80 @@ def precise_bn_nnx(model, batches: Iterable, *, num_batches: int | None = None,
         'the model has no batch norm (a module with nnx.BatchStat mean and var '
         'and an axis attribute); nothing to recompute.')
   call = call or (lambda m, batch: m(batch))
-  captured: dict[int, Moments] = {}
   originals = [(type(bn), bn.use_running_average) for bn in layers]
-  totals = {}
+  totals, seen = None, 0
   try:
-    for index, bn in enumerate(layers):
-      bn.__class__ = _recording(type(bn), index, captured)
+    for bn in layers:
+      bn.__class__ = _recording(type(bn))
       bn.use_running_average = False
+      for name in _RECORDED:
+        setattr(bn, name, nnx.BatchStat(_no_moments(bn.mean[...])))
     graphdef, state = nnx.split(model)
 
     def batch_stats(state, batch):
-      # Filled while the copy runs (while tracing, under jit).
-      captured.clear()
-      call(nnx.merge(graphdef, state), batch)
-      return dict(captured)
+      # A fresh copy per batch: without jit, merging would reuse the model's
+      # own variables.
+      copy = nnx.merge(graphdef, state, copy=True)
+      call(copy, batch)
+      return [_recorded(bn) for bn in _nnx_batch_norms(copy, nnx)]
 
     if jit:
       batch_stats = jax.jit(batch_stats)
     for batch in _take(batches, num_batches):
-      for index, m in batch_stats(state, batch).items():
-        _accumulate(totals, index, m)
+      seen += 1
+      stats = batch_stats(state, batch)
+      totals = stats if totals is None else list(map(merge_moments, totals, stats))
   finally:
     for bn, (cls, use_running_average) in zip(layers, originals):
       bn.__class__, bn.use_running_average = cls, use_running_average
-  if not totals:
+      for name in _RECORDED:
+        if hasattr(bn, name):
+          delattr(bn, name)
+  if not seen or not any(bool(jnp.any(t.count > 0)) for t in totals):
     raise ValueError('precise_bn_nnx got no batches (or no batch norm was called in '
                      'training mode); pass a non-empty iterable.')
-  for index, total in totals.items():
-    bn = layers[index]
+  for bn, total in zip(layers, totals):
     var = _running_variance(total, getattr(bn, 'running_var', 'biased'))
-    bn.mean[...] = _like(total.mean, bn.mean[...])
-    bn.var[...] = _like(var, bn.var[...])
+    bn.mean[...] = _measured(total, total.mean, bn.mean[...])
+    bn.var[...] = _measured(total, var, bn.var[...])
   return model
 
 
-def _like(value, stored):
-  """``value`` in the layout and dtype of the variable it replaces: an NNX
-  batch norm with a tuple ``axis`` keeps flat ``(num_features,)`` statistics."""
-  return jnp.reshape(value, stored.shape).astype(stored.dtype)
+# Each batch norm pools the moments of its inputs into these variables of
+# its own during precise BN: the model's transforms (jit, remat, scan,
+# vmap) carry them out as they carry its running statistics.
+_RECORDED = ('precise_mean', 'precise_var', 'precise_count')
 
 
-def _recording(cls, index, captured):
-  """``cls`` whose calls in training mode add their input's moments to ``captured[index]``."""
+def _no_moments(stored):
+  """Zeros for one ``_RECORDED`` variable of a layer whose statistics are ``stored``."""
+  return jnp.zeros(jnp.shape(stored), stats_dtype(jnp.result_type(stored)))
+
+
+def _pool_into(recorded: Moments, x, axis, mask) -> Moments:
+  """``recorded`` pooled with the moments of a batch norm's input."""
+  m = _input_moments(x, axis, mask)
+  m = jax.tree.map(lambda v: jnp.reshape(v, jnp.shape(recorded.mean)), m)
+  return jax.tree.map(lambda v, old: v.astype(old.dtype), merge_moments(recorded, m), recorded)
+
+
+def _measured(total: Moments, value, stored):
+  """``value`` where the layer saw data, ``stored`` (as it was) elsewhere."""
+  return jnp.where(total.count > 0, value, stored).astype(stored.dtype)
+
+
+def _recorded(bn) -> Moments:
+  return Moments(*(getattr(bn, name)[...] for name in _RECORDED))
+
+
+def _recording(cls):
+  """``cls`` whose calls in training mode pool their input's moments into ``_RECORDED``."""
 
   def __call__(self, x, *args, **kwargs):
     if _training(self, args, kwargs):
-      _accumulate(captured, index, _input_moments(x, self.axis, kwargs.get('mask')))
+      total = _pool_into(_recorded(self), x, self.axis, kwargs.get('mask'))
+      for name, value in zip(_RECORDED, total):
+        getattr(self, name)[...] = value
     return super(recording, self).__call__(x, *args, **kwargs)
 
   recording = type(cls.__name__, (cls,), {'__call__': __call__, '__module__': cls.__module__})
@@ -233,12 +264,14 @@ def precise_bn_linen(module, variables, batches: Iterable, *,
 
   Every batch norm (a module with ``mean`` and ``var`` in ``batch_stats``:
   ``flax.linen.BatchNorm``, ``jaxbn.linen.BatchNorm``, ``BatchRenorm``)
-  called in training mode gets the exact statistics of its inputs (with its
-  ``mask``) over all batches; the model runs with its variables unchanged,
-  so a batch renorm corrects towards its trained running statistics, as in
-  training. The variance is biased unless the layer keeps
-  ``running_var='unbiased'``. Layers that are not called, or only with
-  running averages, keep their statistics; so do step counts.
+  called in training mode, inside lifted transforms (``nn.jit``,
+  ``nn.remat``, ``nn.scan``, ``nn.vmap``) too, gets the exact statistics of
+  its inputs (with its ``mask``) over all batches; the model runs with its
+  variables unchanged, so a batch renorm corrects towards its trained
+  running statistics, as in training. The variance is biased unless the
+  layer keeps ``running_var='unbiased'``. Layers that are not called, or
+  only with running averages, and features that see no valid entry keep
+  their statistics; so do step counts.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn
@@ -265,39 +298,40 @@ def precise_bn_linen(module, variables, batches: Iterable, *,
   stats = variables['batch_stats']
   paths = _linen_batch_norm_paths(stats)
   running_vars = {}
-  captured = {}
 
   def capture(next_fun, args, kwargs, context):
     mod, path = context.module, tuple(context.module.path)
     if context.method_name == '__call__' and path in paths and _training(mod, args[1:], kwargs):
-      _accumulate(captured, path, _input_moments(args[0], getattr(mod, 'axis', -1),
-                                                 kwargs.get('mask')))
+      recorded = Moments(*(mod.get_variable('batch_stats', name) for name in _RECORDED))
+      total = _pool_into(recorded, args[0], getattr(mod, 'axis', -1), kwargs.get('mask'))
+      for name, value in zip(_RECORDED, total):
+        mod.put_variable('batch_stats', name, value)
       running_vars[path] = getattr(mod, 'running_var', 'biased')
     return next_fun(*args, **kwargs)
 
   @jax.jit
-  def batch_stats(batch):
-    # Filled while tracing: the compiled function returns what was captured.
-    captured.clear()
+  def batch_stats(variables, batch):
     with nn.intercept_methods(capture):
-      module.apply(variables, batch, mutable=['batch_stats'], **apply_kwargs)
-    return dict(captured)
+      _, state = module.apply(variables, batch, mutable=['batch_stats'], **apply_kwargs)
+    return {path: Moments(*(_get_at(state['batch_stats'], path)[name] for name in _RECORDED))
+            for path in paths}
 
-  totals, seen = {}, 0
+  recording = {**variables, 'batch_stats': _set_at(stats, paths, lambda path, node: {
+      **node, **{name: _no_moments(node['mean']) for name in _RECORDED}})}
+  totals, seen = None, 0
   for batch in _take(batches, num_batches):
     seen += 1
-    for path, m in batch_stats(batch).items():
-      _accumulate(totals, path, m)
+    found = batch_stats(recording, batch)
+    totals = found if totals is None else {
+        path: merge_moments(totals[path], m) for path, m in found.items()}
   if not seen:
     raise ValueError('precise_bn_linen got no batches; pass a non-empty iterable.')
 
   def write(path, node):
-    if path not in totals:  # not trained on: nothing measured
-      return node
     total = totals[path]
-    var = _running_variance(total, running_vars[path])
-    return {**node, 'mean': total.mean.astype(node['mean'].dtype),
-            'var': var.astype(node['var'].dtype)}
+    var = _running_variance(total, running_vars.get(path, 'biased'))
+    return {**node, 'mean': _measured(total, total.mean, node['mean']),
+            'var': _measured(total, var, node['var'])}
 
   return {**variables, 'batch_stats': _set_at(stats, paths, write)}
 
@@ -306,11 +340,6 @@ def _input_moments(x, axis, mask) -> Moments:
   """A batch norm's input moments, with ``x`` and ``mask`` taken as the
   layers take them: integer inputs as float32, 0/1 masks as booleans."""
   return moments(floating_input(x), axis=axis, mask=bool_mask(mask))
-
-
-def _accumulate(totals: dict, key, m: Moments) -> None:
-  """Pools ``m`` into ``totals[key]``."""
-  totals[key] = merge_moments(totals[key], m) if key in totals else m
 
 
 def _training(mod, args_after_x, kwargs) -> bool:
@@ -330,6 +359,12 @@ def _linen_batch_norm_paths(stats, path=()) -> set:
   for k, v in stats.items():
     found |= _linen_batch_norm_paths(v, path + (k,))
   return found
+
+
+def _get_at(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
 
 
 def _set_at(tree, paths, fn, path=()):

@@ -497,7 +497,8 @@ def _batch_stats_call(mdl, x, use_running_average, mask, train, *, with_count):
 
 def _init_output(mdl, x, state, axes, scale, bias, mask, out_dtype, train):
   ghost = getattr(mdl, 'virtual_batch_size', None)
-  one_value = mask is None and _flax_common.values_per_feature(x.shape, axes) <= 1
+  one_value = mask is None and _checks.one_value_per_feature(
+      x.shape, _checks.complement_axes(axes, x.ndim))
   ragged = isinstance(ghost, int) and ghost > 0 and x.shape[0] % ghost != 0
   if not (one_value or ragged):
     y, _ = train(x, state, scale, bias, axes=axes, out_dtype=out_dtype, sync=False)

@@ -395,6 +395,29 @@ def test_normalize_derivatives_match_finite_differences(affine, dtype):
     check_grads(f, args, order=2, modes=('fwd', 'rev'))
 
 
+@pytest.mark.parametrize('training', [True, False])
+def test_epsilon_may_be_traced_and_differentiated(training):
+  # epsilon is accepted traced (a jit argument), so it must also survive
+  # differentiation from outside the jit and get its own true derivative.
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((6, 3)) * 2 + 1)
+    state = jaxbn.BatchNormState(jnp.asarray(rng.standard_normal(3)),
+                                 jnp.asarray(rng.uniform(0.5, 2, 3)), jnp.asarray(0))
+    w = jnp.asarray(rng.standard_normal((6, 3)))
+
+    def f(x, epsilon):
+      y, _ = jaxbn.batch_norm(x, state, training=training, epsilon=epsilon)
+      return jnp.sum(w * y) + jnp.sum(jnp.sin(y))
+
+    want = jax.grad(f)(x, 0.5)
+    np.testing.assert_allclose(jax.grad(jax.jit(f))(x, 0.5), want, rtol=1e-12)
+    np.testing.assert_allclose(jax.grad(f)(x, 1), jax.grad(f)(x, 1.0), rtol=1e-12)
+    check_grads(jax.jit(f), (x, 0.5), order=2, modes=('fwd', 'rev'))
+    check_grads(lambda x, e: jnp.sum(jnp.sin(jaxbn.layer_norm(x, epsilon=e))), (x, 0.5),
+                order=2, modes=('fwd', 'rev'))
+
+
 def _full_size_buffers(compiled_hlo: str, shape) -> list[str]:
   """Instructions of the entry computation that write a floating-point array
   of ``shape`` (one entry per such output, tuple-shaped results included)."""

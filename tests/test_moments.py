@@ -76,6 +76,28 @@ def test_batch_norm_lowers_for_accelerators():
   assert exported.platforms == ('cuda', 'tpu')
 
 
+def test_exports_with_a_symbolic_batch_size():
+  # A shape-polymorphic export (one program for any batch size): no check or
+  # algorithm may compare the symbolic size with a number while tracing.
+  import jaxbn.nnx
+  from flax import nnx
+  graphdef, state = nnx.split(jaxbn.nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+
+  def step(state, x):
+    y, new = jaxbn.batch_norm(x, jaxbn.init_state(3), training=True)
+    layer = nnx.merge(graphdef, state)
+    return y, new, layer(x), nnx.state(layer)
+
+  batch, = jax.export.symbolic_shape('b')
+  exported = jax.export.export(jax.jit(step), platforms=['cpu', 'cuda'])(
+      state, jax.ShapeDtypeStruct((batch, 4, 3), jnp.float32))
+  for n in (1, 5):
+    x = jnp.asarray(_offset_data(1e3, n=n * 4, c=3).reshape(n, 4, 3))
+    # The same operations on the same data: agreement to float32 rounding.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+                 exported.call(state, x), step(state, x))
+
+
 @pytest.mark.parametrize('algorithm', ['_checked_fast_moments', '_shifted_moments'])
 @pytest.mark.parametrize('ratio', [0.0, 1e3])
 def test_an_outlier_first_sample_costs_no_precision(algorithm, ratio):

@@ -267,6 +267,27 @@ def test_nnx_renorm_corrects_towards_its_trained_statistics():
   assert model.layers[1].use_running_average is False
 
 
+@pytest.mark.parametrize('jit', [True, False])
+def test_nnx_each_batch_runs_on_the_trained_variables(jit):
+  # The running statistics the renorm corrects towards (momentum 0.5 would
+  # move them far between batches) and the step count stay as trained.
+  import jaxbn.nnx as jnnx
+  rngs = nnx.Rngs(0)
+  model = nnx.Sequential(jnnx.BatchRenorm(3, momentum=0.5, rngs=rngs),
+                         jnnx.BatchNorm(3, momentum=None, rngs=rngs))
+  # Corrections inside the limits: r ~ 1 / 1.2, d ~ -0.4.
+  model.layers[0].mean[...] = jnp.asarray(MU + 0.5 * STD, jnp.float32)
+  model.layers[0].var[...] = jnp.asarray((1.2 * STD) ** 2, jnp.float32)
+  model.layers[1].count[...] = jnp.asarray(7)
+  trained = nnx.clone(model)
+  xs = _batches(4, size=16, seed=16)
+  precise_bn_nnx(model, xs, jit=jit)
+  mean, var = np_pooled([np.asarray(nnx.clone(trained).layers[0](x), np.float64) for x in xs])
+  np.testing.assert_allclose(model.layers[1].mean[...], mean, **F32_TOL)
+  np.testing.assert_allclose(model.layers[1].var[...], var, **F32_TOL)
+  assert int(model.layers[1].count[...]) == 7
+
+
 def test_nnx_errors():
   with pytest.raises(ValueError, match='no batch norm'):
     precise_bn_nnx(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), _batches(1))
@@ -395,6 +416,88 @@ def test_linen_renorm_corrects_towards_its_trained_statistics():
   np.testing.assert_allclose(stats['renorm']['mean'], mean, **F32_TOL)
   np.testing.assert_allclose(stats['renorm']['var'], var * n / (n - 1), **F32_TOL)
 
+
+
+# ---------------------------------- batch norms inside the model's transforms
+
+
+def _stacked_stats(tree):
+  """Every batch norm's mean and var in path order, one row per layer."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  keys = lambda path: [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
+  rows = lambda name: np.concatenate([np.reshape(v, (-1, 3)) for path, v in leaves
+                                      if name in keys(path)])
+  return rows('mean'), rows('var')
+
+
+def np_two_steps(xs):
+  """Pooled inputs of two batch norms run as y -> 2 * bn(y) + 1 in training
+  mode (scale 1, bias 0): the batches, then 2 * their normalization + 1."""
+  first = [np.asarray(x, np.float64) for x in xs]
+  second = [2.0 * (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) + 1.0 for h in first]
+  return [np.stack(s) for s in zip(np_pooled(first), np_pooled(second))]
+
+
+@pytest.mark.parametrize('transform', ['remat', 'jit', 'scan'])
+def test_nnx_batch_norms_inside_the_models_transforms(transform):
+  # nnx.remat, nnx.jit and nnx.scan trace the batch norms apart from the
+  # model: what they measure has to leave through the model's state.
+  import jaxbn.nnx as jnnx
+  step = lambda x, bn: 2.0 * bn(x) + 1.0
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      if transform == 'scan':
+        make = nnx.vmap(lambda rngs: jnnx.BatchNorm(3, rngs=rngs), in_axes=0, out_axes=0)
+        self.bns = nnx.split_rngs(splits=2)(make)(rngs)
+      else:
+        self.bns = nnx.Sequential(jnnx.BatchNorm(3, rngs=rngs), jnnx.BatchNorm(3, rngs=rngs))
+
+    def __call__(self, x):
+      if transform == 'scan':
+        return nnx.scan(step, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.bns)
+      for bn in self.bns.layers:
+        x = (nnx.remat if transform == 'remat' else nnx.jit)(step)(x, bn)
+      return x
+
+  model = Model(nnx.Rngs(0))
+  xs = _batches(4, size=16, seed=20)
+  precise_bn_nnx(model, xs)
+  mean, var = _stacked_stats(nnx.state(model, nnx.BatchStat))
+  want_mean, want_var = np_two_steps(xs)
+  np.testing.assert_allclose(mean, want_mean, **F32_TOL)
+  np.testing.assert_allclose(var, want_var, **F32_TOL)
+  # Nothing of the recording is left in the model.
+  assert jax.tree.structure(nnx.state(model)) == jax.tree.structure(
+      nnx.state(Model(nnx.Rngs(0))))
+
+
+@pytest.mark.parametrize('transform', ['remat', 'jit', 'scan'])
+def test_linen_batch_norms_inside_the_models_transforms(transform):
+  class Step(nn.Module):
+    @nn.compact
+    def __call__(self, x, _=None):
+      return 2.0 * nn.BatchNorm(use_running_average=False)(x) + 1.0, None
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      if transform == 'scan':
+        body = nn.scan(Step, variable_axes={'params': 0, 'batch_stats': 0},
+                       split_rngs={'params': True}, length=2)
+        return body()(x, None)[0]
+      for _ in range(2):
+        x = (nn.remat if transform == 'remat' else nn.jit)(Step)()(x)[0]
+      return x
+
+  xs = _batches(4, size=16, seed=21)
+  variables = Net().init(jax.random.key(0), xs[0])
+  new = precise_bn_linen(Net(), variables, xs)
+  mean, var = _stacked_stats(new['batch_stats'])
+  want_mean, want_var = np_two_steps(xs)
+  np.testing.assert_allclose(mean, want_mean, **F32_TOL)
+  np.testing.assert_allclose(var, want_var, **F32_TOL)
+  assert jax.tree.structure(new) == jax.tree.structure(variables)
 
 
 class LinenInputBN(nn.Module):
