@@ -122,12 +122,18 @@ def _affine_normalize_jvp(dtype, primals, tangents):
                                     dtype=dtype)
 
 
-@jax.checkpoint
 def _times_centred(x, mean, dmul):
   # Rematerialized, so the backward pass keeps x (which it reads anyway), not
   # a full-size centred copy: ``sum(cotangent * (x - mean))`` is then one
   # fused reduction, and the copy's write, read and fresh pages are saved.
-  return (x - mean) * dmul
+  # Remat's optimization barrier also holds the widened cotangent of a
+  # narrow output: XLA:CPU needs it there to widen inside each reduction,
+  # while on a GPU it forces that float32 copy into memory (twice a
+  # bfloat16 activation's size), and XLA:GPU fuses without it.
+  product = lambda x, mean, dmul: (x - mean) * dmul
+  return lax.platform_dependent(
+      x, mean, dmul, cpu=jax.checkpoint(product),
+      default=jax.checkpoint(product, prevent_cse=False))
 
 
 def _cast_sum(*parts, dtype):
