@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-import jaxbn
 from jaxbn._norms import group_norm, instance_norm, layer_norm
 from reference import bfloat16_ulps, cancelling_dx_case
 

@@ -10,8 +10,6 @@ import re
 import signal
 import subprocess
 
-import pytest
-
 from reliability_helpers import (TINY_ARGS, assert_same_run, run_cli, running, train_cmd,
                                  wait_until)
 from reliability_helpers import reference  # noqa: F401  (a fixture)
