@@ -433,6 +433,19 @@ def _full_size_buffers(compiled_hlo: str, shape) -> list[str]:
   return found
 
 
+def _training_grads(num_features):
+  """``jit(grad)`` of ``sum(y * g)`` over x, scale and bias for a training
+  batch norm (the benchmarks' forward+backward), and a scale and bias."""
+  state = jaxbn.init_state(num_features)
+
+  def loss(x, scale, bias, g):
+    y, _ = jaxbn.batch_norm(x, state, scale, bias, training=True)
+    return jnp.sum(y * g, dtype=jnp.float32)
+
+  return (jax.jit(jax.grad(loss, argnums=(0, 1, 2))), jnp.ones(num_features),
+          jnp.zeros(num_features))
+
+
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_training_backward_writes_no_full_size_buffer_but_dx(dtype):
   # Training forward+backward needs x, the cotangent and per-feature sums;
@@ -444,14 +457,7 @@ def test_training_backward_writes_no_full_size_buffer_but_dx(dtype):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal(shape, np.float32) + 3.0, dtype)
   g = jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
-  state = jaxbn.init_state(shape[-1])
-  scale, bias = jnp.ones(shape[-1]), jnp.zeros(shape[-1])
-
-  def loss(x, scale, bias, g):
-    y, _ = jaxbn.batch_norm(x, state, scale, bias, training=True)
-    return jnp.sum(y * g, dtype=jnp.float32)
-
-  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  grads, scale, bias = _training_grads(shape[-1])
   buffers = _full_size_buffers(grads.lower(x, scale, bias, g).compile().as_text(), shape)
   assert len(buffers) == 1, buffers
 
@@ -465,14 +471,7 @@ def test_accelerator_backward_holds_no_widened_copy_behind_a_barrier():
   # lowered program, which needs no GPU.
   shape = (32, 16, 16, 64)
   x = jnp.ones(shape, jnp.bfloat16)
-  state = jaxbn.init_state(shape[-1])
-  scale, bias = jnp.ones(shape[-1]), jnp.zeros(shape[-1])
-
-  def loss(x, scale, bias, g):
-    y, _ = jaxbn.batch_norm(x, state, scale, bias, training=True)
-    return jnp.sum(y * g, dtype=jnp.float32)
-
-  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  grads, scale, bias = _training_grads(shape[-1])
   full_f32 = 'tensor<' + 'x'.join(map(str, shape)) + 'xf32>'
   for platform in ('cpu', 'cuda'):
     lowered = grads.trace(x, scale, bias, x).lower(lowering_platforms=(platform,)).as_text()
