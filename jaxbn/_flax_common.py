@@ -33,7 +33,7 @@ def feature_axes(axis, ndim: int) -> tuple[int, ...]:
   return _checks.canonical_axes(axis, ndim)
 
 
-def check_batch(shape, axes: tuple[int, ...], *, mask, axis_name) -> None:
+def check_batch(shape, axes: tuple[int, ...], *, mask, axis_name, layer: str) -> None:
   """Refuses a training call that sees a single value per feature.
 
   Flax silently returns ``bias`` there (the variance of one value is 0).
@@ -44,19 +44,20 @@ def check_batch(shape, axes: tuple[int, ...], *, mask, axis_name) -> None:
     return
   if _checks.one_value_per_feature(shape, _checks.complement_axes(axes, len(shape))):
     raise ValueError(
-        f'BatchNorm in training mode got input shape {tuple(shape)}, i.e. '
+        f'{layer} in training mode got input shape {tuple(shape)}, i.e. '
         'one value per feature: its batch statistics are meaningless. Use a '
         'batch of 2 or more, or evaluation mode (use_running_average=True, '
         "e.g. model.eval() in NNX) to normalize with the running statistics.")
 
 
-def check_num_features(num_features: int, shape, axes: tuple[int, ...], axis) -> None:
+def check_num_features(num_features: int, shape, axes: tuple[int, ...], axis,
+                       layer: str) -> None:
   """NNX stores ``num_features`` statistics; the input must have as many."""
   feature_shape = tuple(shape[a] for a in axes)
   if math.prod(feature_shape) == num_features:
     return
   raise ValueError(
-      f'BatchNorm was built with num_features={num_features} but the input '
+      f'{layer} was built with num_features={num_features} but the input '
       f'of shape {tuple(shape)} has {math.prod(feature_shape)} features on '
       f'axis={axis!r}; build it with num_features={math.prod(feature_shape)} '
       '(the size of the feature axis) or set `axis` to the feature axis.')

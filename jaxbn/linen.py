@@ -485,7 +485,7 @@ def _batch_stats_call(mdl, x, use_running_average, mask, train, *, with_count):
         "mutable. Pass mutable=['batch_stats'] to apply (and keep the "
         'returned updates), use jaxbn.linen.apply_train, or set '
         'use_running_average=True for evaluation.')
-  _flax_common.check_batch(x.shape, axes, mask=mask, axis_name=mdl.axis_name)
+  _flax_common.check_batch(x.shape, axes, mask=mask, axis_name=mdl.axis_name, layer=name)
   y, new = train(x, state, scale, bias, axes=axes, out_dtype=out_dtype, sync=True)
   # Store with the dtypes Flax would produce (float32 stats by default).
   ra_mean.value = new.mean.astype(_stored_dtype(mdl, ra_mean.value, new.mean, x))

@@ -586,7 +586,8 @@ def _batch_stats_call(layer, x, use_running_average, mask, train):
           'use_running_average=True/False).'),
   )
   axes = _flax_common.feature_axes(layer.axis, jnp.ndim(x))
-  _flax_common.check_num_features(layer.num_features, jnp.shape(x), axes, layer.axis)
+  _flax_common.check_num_features(layer.num_features, jnp.shape(x), axes, layer.axis,
+                                  layer=name)
   feature_shape = tuple(jnp.shape(x)[a] for a in axes)
 
   scale = layer.scale[...] if layer.scale is not None else None
@@ -608,7 +609,8 @@ def _batch_stats_call(layer, x, use_running_average, mask, train):
         f'{_count_reason(layer)} needs the `count` BatchStat, which is '
         f'created only when the layer is built that way; rebuild the {name} '
         'instead of changing the attribute afterwards.')
-  _flax_common.check_batch(jnp.shape(x), axes, mask=mask, axis_name=layer.axis_name)
+  _flax_common.check_batch(jnp.shape(x), axes, mask=mask, axis_name=layer.axis_name,
+                           layer=name)
   # The running statistics are updated from the stored float32 values, not
   # the promoted ones, as in Flax.
   state = BatchNormState(layer.mean[...].reshape(feature_shape),

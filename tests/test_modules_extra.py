@@ -218,6 +218,19 @@ def test_renorm_options_checked_at_construction():
     layer(jnp.ones((2, 3)))
 
 
+def test_renorm_errors_name_the_layer():
+  # The checks are shared with BatchNorm; the message names the layer used.
+  layer = jaxbn.nnx.BatchRenorm(3, use_running_average=False, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='^BatchRenorm in training mode got input shape'):
+    layer(jnp.ones((1, 3)))
+  with pytest.raises(ValueError, match='^BatchRenorm was built with num_features=3'):
+    layer(jnp.ones((4, 5)))
+  module = jaxbn.linen.BatchRenorm(use_running_average=False)
+  variables = module.init(jax.random.key(0), jnp.ones((2, 3)))
+  with pytest.raises(ValueError, match='^BatchRenorm in training mode got input shape'):
+    module.apply(variables, jnp.ones((1, 3)), mutable=['batch_stats'])
+
+
 def test_renorm_signatures_extend_batch_norm():
   ours = inspect.signature(jaxbn.nnx.BatchRenorm.__init__).parameters
   theirs = inspect.signature(nnx.BatchNorm.__init__).parameters
