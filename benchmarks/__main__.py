@@ -26,6 +26,7 @@ from pathlib import Path
 SECTIONS = ("bn", "pool", "torch", "cnn", "alloc", "threads", "scaling")
 # The sections whose worker processes include PyTorch's.
 TORCH_SECTIONS = ("torch", "cnn", "alloc", "threads")
+CPU_SECTIONS = ("alloc", "threads")
 HERE = Path(__file__).resolve().parent
 
 
@@ -140,6 +141,11 @@ def main(argv=None) -> int:
     if args.gpu and backend != "gpu":
         print(f"--gpu: JAX's default backend is {backend!r}; install jax[cuda12] on a GPU "
               f"machine, or drop --gpu to benchmark {backend}", file=sys.stderr)
+        return 2
+    if backend != "cpu" and set(args.only) <= set(CPU_SECTIONS):
+        print(f"--only {','.join(args.only)}: these sections time the CPU (glibc malloc, one "
+              f"core), and JAX's default backend is {backend!r}; choose other sections, or "
+              f"run them with JAX_PLATFORMS=cpu", file=sys.stderr)
         return 2
     quick = args.quick
     repeats = args.repeats or (2 if quick else 12)

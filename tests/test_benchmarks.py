@@ -318,6 +318,21 @@ def test_gpu_flag_without_gpu_names_the_fix():
     assert "install jax[cuda12]" in proc.stderr
 
 
+def test_cpu_only_sections_on_another_backend_are_refused(monkeypatch, capsys):
+    # On a GPU the malloc and one-core sections are skipped: asked for alone,
+    # the run would time nothing.
+    import jax
+
+    from benchmarks.__main__ import main
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    # What main sets for the whole process, kept to this test.
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    assert main(["--quick", "--only", "alloc,threads"]) == 2
+    assert "JAX_PLATFORMS=cpu" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
 def test_both_workers_time_the_same_bn_tensor(backend):
     # The JAX worker times bn.configs(...)[0]; the PyTorch worker builds its
