@@ -342,9 +342,11 @@ def _stream(url: str, out, timeout: float) -> str:
             received += len(chunk)
     # http.client ends a body cut short as if it were complete; without this
     # a dropped connection would pass for a mirror serving another file.
-    if resp.length:
+    # (file:// responses announce no length.)
+    missing = getattr(resp, "length", None)
+    if missing:
         raise DataError(f"downloading {url} failed: the connection closed after {received} of "
-                        f"{received + resp.length} bytes; try again")
+                        f"{received + missing} bytes; try again")
     return digest.hexdigest()
 
 

@@ -125,3 +125,11 @@ def test_download_reports_a_connection_closed_before_the_end(tmp_path):
         listener.close()
     assert "checksum" not in str(info.value)
     assert not list((tmp_path / "d" / "mnist").glob(".*.part"))
+
+
+def test_download_from_a_file_url(tmp_path, data_dir):
+    # file:// responses have no announced length to check against.
+    folder = data.download("mnist", str(tmp_path / "d"), (data_dir / "mnist").as_uri() + "/",
+                           log=lambda m: None)
+    for name in data.MD5["mnist"]:
+        assert (folder / name).read_bytes() == (data_dir / "mnist" / name).read_bytes()
