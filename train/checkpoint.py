@@ -30,6 +30,9 @@ import numpy as np
 FORMAT = 2
 _FORMATS = (1, 2)
 _NAME = re.compile(r"^ckpt-(\d+)$")
+# Where save() moves the checkpoint it replaces, for the moment of the swap.
+_ASIDE = ".tmp-old-"
+_ASIDE_NAME = re.compile(r"^\.tmp-old-(ckpt-\d+)-\d+$")
 STATE_FILE = "state.npz"
 META_FILE = "meta.json"
 
@@ -86,11 +89,17 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save(root: Path, state: Any, meta: dict[str, Any], *, position: int, keep: int = 3) -> Path:
-    """Write ``state`` and ``meta`` as checkpoint ``position``; keep the newest ``keep``."""
+def save(root: Path, state: Any, meta: dict[str, Any], *, position: int, keep: int = 3,
+         replace: bool = False) -> Path:
+    """Write ``state`` and ``meta`` as checkpoint ``position``; keep the newest ``keep``.
+
+    An intact checkpoint already at ``position`` is kept as it is, unless
+    ``replace``: the same state with newer bookkeeping (an epoch's checkpoint
+    taken before its evaluation, then again after it).
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"ckpt-{position:09d}"
-    if final.exists() and _verifies(final):
+    if not replace and final.exists() and _verifies(final):
         # Same data position, same state: nothing new to write.
         return final
     leaves = [np.asarray(x) for x in jax.device_get(jax.tree.leaves(state))]
@@ -113,23 +122,32 @@ def save(root: Path, state: Any, meta: dict[str, Any], *, position: int, keep: i
     _write_synced(tmp / STATE_FILE, payload)
     _write_synced(tmp / META_FILE, json.dumps(full_meta, indent=1).encode())
     _fsync_path(tmp)
+    aside = root / f"{_ASIDE}{final.name}-{os.getpid()}"
     if final.exists():
-        # A damaged checkpoint at this position (a restart reached it again):
-        # move it aside under a temporary name that remove_partial cleans up.
-        os.rename(final, root / f".tmp-damaged-{final.name}-{os.getpid()}")
+        # A damaged or outdated checkpoint at this position: move it aside
+        # (a kill right now leaves it there for remove_partial to put back).
+        os.rename(final, aside)
     os.rename(tmp, final)
     _fsync_path(root)
-    remove_partial(root, f".tmp-damaged-{final.name}-{os.getpid()}")
+    remove_partial(root, aside.name)
     for _, old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def remove_partial(root: Path, prefix: str = ".tmp-") -> list[Path]:
-    """Delete leftovers of interrupted writes (hidden temporary folders)."""
+    """Delete leftovers of interrupted writes (hidden temporary folders).
+
+    A checkpoint that ``save`` moved aside, killed before the new one took
+    its name, goes back under its name instead: it is complete.
+    """
     removed = []
     if root.is_dir():
         for entry in root.iterdir():
+            m = _ASIDE_NAME.match(entry.name)
+            if m and not (root / m.group(1)).exists():
+                os.rename(entry, root / m.group(1))
+                continue
             if entry.name.startswith(prefix):
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry)

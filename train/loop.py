@@ -597,7 +597,7 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
     cold_start = first_step_seconds = None  # of this segment (a resume is a new process)
     metrics_file = open(metrics_path if primary else os.devnull, "a")
 
-    def save_checkpoint() -> Path:
+    def save_checkpoint(replace: bool = False) -> Path:
         position = book.epoch * spe + book.batch
         if not primary:  # process 0 writes; the state is replicated, so it has all of it
             return ckpt_root / f"ckpt-{position:09d}"
@@ -608,7 +608,7 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
         meta = {"bookkeeping": dataclasses.asdict(bk), "config": cfg.to_dict(),
                 "metrics_bytes": metrics_file.tell(), "created": time.time()}
         return checkpoint.save(ckpt_root, steps.to_host(state), meta, position=position,
-                               keep=KEEP_CHECKPOINTS)
+                               keep=KEEP_CHECKPOINTS, replace=replace)
 
     def write(rec: dict) -> None:
         metrics_file.write(json.dumps(rec) + "\n")
@@ -656,7 +656,10 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
                 book.last_epoch = {k: rec[k] for k in ("test_loss", "test_accuracy",
                                                        "train_loss", "train_accuracy")}
                 book.new_epoch(epoch + 1)
-                save_checkpoint()
+                # A stop on the epoch's last step checkpointed this position
+                # before the evaluation: replace it, or a resume from it
+                # would evaluate again.
+                save_checkpoint(replace=True)
                 if agreed_stop(flag, cfg.num_processes):
                     return _interrupted(cfg, flag, save_checkpoint, progress, (epoch + 1) * spe)
     finally:

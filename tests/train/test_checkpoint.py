@@ -113,3 +113,21 @@ def test_saving_over_a_damaged_checkpoint_replaces_it(tmp_path):
     # An intact checkpoint at the same position is kept as it is.
     checkpoint.save(tmp_path, _state(3.0), {}, position=1)
     assert _same(checkpoint.restore(path, _state())[0], _state(2.0))
+
+
+def test_replace_rewrites_an_intact_checkpoint_at_the_same_position(tmp_path):
+    path = checkpoint.save(tmp_path, _state(1.0), {"evaluated": False}, position=1)
+    checkpoint.save(tmp_path, _state(1.0), {"evaluated": True}, position=1, replace=True)
+    assert checkpoint.restore(path, _state())[1]["evaluated"] is True
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_checkpoint_moved_aside_by_a_killed_replace_is_put_back(tmp_path):
+    # Killed between moving the old checkpoint aside and renaming the new
+    # one into place: the old one is complete and still the newest state.
+    path = checkpoint.save(tmp_path, _state(1.0), {}, position=1)
+    path.rename(tmp_path / f".tmp-old-{path.name}-123")
+    (tmp_path / f".tmp-{path.name}-123").mkdir()  # the new one, never renamed
+    assert checkpoint.remove_partial(tmp_path) == [tmp_path / f".tmp-{path.name}-123"]
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert _same(checkpoint.restore(path, _state())[0], _state(1.0))

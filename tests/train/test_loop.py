@@ -119,6 +119,57 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, stop_at):
     assert without_timings(records(tmp_path / "cut")) == without_timings(records(tmp_path / "ref"))
 
 
+class Killed(Exception):
+    """Stands for a SIGKILL: the run ends where it is, writing nothing more."""
+
+
+def killed_in_epoch(monkeypatch, epoch, after):
+    """Make the run die after ``after`` batches of (0-based) ``epoch``."""
+    real = data.train_batches
+
+    def batches(*args, epoch: int, **kw):
+        for i, batch in enumerate(real(*args, epoch=epoch, **kw)):
+            if epoch == killed_epoch and i == after:
+                raise Killed
+            yield batch
+
+    killed_epoch = epoch
+    monkeypatch.setattr(data, "train_batches", batches)
+
+
+def test_a_stop_on_an_epochs_last_step_is_evaluated_once(tmp_path, monkeypatch):
+    # Stopped after step 10, the last of epoch 1, the checkpoint precedes
+    # that epoch's evaluation. The resume evaluates, and its checkpoint at
+    # step 10 must then replace the stopped one: a later resume from it (a
+    # kill during epoch 2) would otherwise evaluate epoch 1 a second time.
+    kw = dict(epochs=2, limit_train=320)
+    assert run(tiny(tmp_path / "ref", **kw))[0] == 0
+    out = tmp_path / "cut"
+    assert run(tiny(out, **kw), interrupt_at_step=10)[0] == loop.EXIT_INTERRUPTED
+    evaluated = []
+    evaluate = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: evaluated.append(1) or evaluate(*a, **k))
+    killed_in_epoch(monkeypatch, 1, after=3)
+    with pytest.raises(Killed):
+        run(tiny(out, resume=True, **kw))
+    assert len(evaluated) == 1
+    monkeypatch.undo()
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: evaluated.append(1) or evaluate(*a, **k))
+    code, resumed, text = run(tiny(out, resume=True, **kw))
+    assert code == 0
+    assert text.splitlines()[0] == "resuming from checkpoints/ckpt-000000010 (epoch 2, step 10)"
+    assert len(evaluated) == 2  # epoch 1 once, epoch 2 once: as without the stop
+    assert without_timings(records(out)) == without_timings(records(tmp_path / "ref"))
+    # The checkpoint at step 10 is the uninterrupted run's, timings aside.
+    untimed = ("train_seconds", "steady_time", "steady_images", "epoch_step_time")
+    for ckpts in (out / "checkpoints", tmp_path / "ref" / "checkpoints"):
+        meta = checkpoint.read_meta(ckpts / "ckpt-000000010")
+        book = {k: v for k, v in meta["bookkeeping"].items() if k not in untimed}
+        if ckpts.parent == out:
+            got = book
+    assert got == book
+
+
 def test_resume_after_the_final_evaluation_names_the_last_epoch(tmp_path, monkeypatch):
     # Ctrl-C during the last epoch's evaluation: the run stops after saving
     # the final checkpoint, and the resume only has the summary left to write.
