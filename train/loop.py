@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import signal
 import sys
@@ -88,8 +89,32 @@ def open_out_dir(out: Path, resume: bool) -> int:
     return fd
 
 
+def _atomic_tmp(path: Path) -> Path:
+    """Where an atomic write of ``path`` goes first (plots._save names it alike)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+# The files of --out written through a temporary, and the writability probe:
+# the names a kill can leave behind. A run holding the lock removes them.
+ATOMIC_FILES = (RUN_CONFIG, "summary.json", *plots.FILES.values())
+_PROBE = re.compile(r"^\.write-test-\d+$")
+
+
+def remove_leftovers(out: Path) -> list[str]:
+    """Delete temporaries of this program's killed writes in ``out`` (only those)."""
+    leftovers = [_atomic_tmp(out / name) for name in ATOMIC_FILES]
+    leftovers += [p for p in out.iterdir() if _PROBE.match(p.name)]
+    removed = []
+    for path in leftovers:
+        # Only files (or links): a folder of that name is not ours.
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _atomic_tmp(path)
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -423,6 +448,8 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
         return train()
     lock_fd = open_out_dir(out, cfg.resume)
     try:
+        for name in remove_leftovers(out):
+            say(f"removed a leftover temporary file: {name}")
         # The settings, before anything else: a run killed before its first
         # checkpoint still resumes as itself.
         write_json_atomic(out / RUN_CONFIG, cfg.to_dict())

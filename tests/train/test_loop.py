@@ -309,6 +309,34 @@ def test_interrupt_on_a_terminal_clears_the_bar_first(tmp_path):
     assert stop.endswith("--resume\n") and stop.count("\n") == 1
 
 
+def test_a_resume_removes_the_temporaries_a_kill_left_and_nothing_else(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    replace = os.replace
+
+    def killed_before_the_summary_lands(src, dst):
+        if os.path.basename(dst) == "summary.json":
+            raise Killed
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_the_summary_lands)
+    with pytest.raises(Killed):
+        run(tiny(out))
+    monkeypatch.undo()
+    assert (out / ".summary.json.tmp").is_file()
+    (out / ".write-test-4242").write_bytes(b"")  # killed between the probe's write and unlink
+    keep = [".write-test-x", ".notes.tmp", "summary.json.tmp", "mine.tmp", ".config.json.tmp.bak"]
+    for name in keep:
+        (out / name).write_text("the user's")
+    (out / ".loss.png.tmp").mkdir()  # a folder is not a temporary file of ours
+    code, _, text = run(tiny(out, resume=True))
+    assert code == 0
+    assert "removed a leftover temporary file: .summary.json.tmp" in text
+    assert "removed a leftover temporary file: .write-test-4242" in text
+    assert sorted(p.name for p in out.iterdir() if "tmp" in p.name or "test" in p.name) == sorted(
+        keep + [".loss.png.tmp"])
+    assert all((out / name).read_text() == "the user's" for name in keep)
+
+
 def test_resuming_a_finished_run_changes_nothing(tmp_path):
     out = tmp_path / "run"
     _, first, _ = run(tiny(out))
