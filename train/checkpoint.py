@@ -9,7 +9,8 @@ A checkpoint is written into a hidden temporary folder, fsynced, then renamed
 into place: a kill at any moment leaves either the complete checkpoint or no
 checkpoint under a real name. On load, anything that does not verify (bad
 JSON, wrong checksum, leaves that do not match the model) is skipped with a
-warning and the next older checkpoint is tried.
+warning and the next older checkpoint is tried; one of a newer format stops
+the resume instead (NewerCheckpointError), as nothing is wrong with it.
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ META_FILE = "meta.json"
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used (the message says why)."""
+
+
+class NewerCheckpointError(CheckpointError):
+    """A checkpoint of a newer version of train: never skipped for an older one.
+
+    Skipping it would resume from an older checkpoint or the beginning, cut
+    metrics.jsonl back, and in time delete it as an old checkpoint.
+    """
+
+    def __init__(self, path: Path, what: str):
+        super().__init__(f"checkpoint {path} was written by a newer version of train ({what}); "
+                         f"upgrade train to resume it, or start a fresh --out")
 
 
 def _leaf_names(tree) -> list[str]:
@@ -161,7 +174,12 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{META_FILE} is missing") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{META_FILE} is unreadable ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") not in _FORMATS:
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{META_FILE} has an unknown format")
+    fmt = meta.get("format")
+    if type(fmt) is int and fmt > FORMAT:
+        raise NewerCheckpointError(path, f"format {fmt}, this one reads up to {FORMAT}")
+    if fmt not in _FORMATS:
         raise CheckpointError(f"{META_FILE} has an unknown format")
     if meta["format"] >= 2 and meta.get("meta_sha256") != _meta_digest(meta):
         raise CheckpointError(f"{META_FILE} does not match its checksum (partial or corrupted)")
@@ -197,6 +215,8 @@ def latest_meta(root: Path, warn: Callable[[str], None] = print) -> tuple[Path, 
     for _, path in reversed(list_checkpoints(root)):
         try:
             return path, read_meta(path)
+        except NewerCheckpointError:
+            raise
         except CheckpointError:
             continue
     return None
@@ -208,6 +228,8 @@ def restore_latest(root: Path, template: Any, warn: Callable[[str], None] = prin
     for _, path in reversed(list_checkpoints(root)):
         try:
             return restore(path, template)
+        except NewerCheckpointError:
+            raise
         except CheckpointError as e:
             warn(f"warning: skipping checkpoint {path}: {e}")
     return None

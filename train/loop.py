@@ -138,7 +138,8 @@ def resume_config(explicit: dict[str, Any]) -> Config:
     probe = resolve(Config(**explicit), check=False)
     found = checkpoint.latest_meta(Path(probe.out) / "checkpoints")
     if found is not None:
-        saved = found[1].get("config", {})
+        check_meta(*found)
+        saved = found[1]["config"]
     else:
         saved = _read_run_config(Path(probe.out) / RUN_CONFIG)
         if saved is None:
@@ -151,7 +152,7 @@ def resume_config(explicit: dict[str, Any]) -> Config:
             raise ConfigError(
                 f"--{key.replace('_', '-')} {value} differs from the run in {probe.out} "
                 f"({was}); drop the option to resume, or choose another --out")
-    known = {f.name for f in dataclasses.fields(Config)}
+    known = CONFIG_FIELDS
     # The saved data_dir is where the files were (often JAXBN_DATA's value
     # then); where JAXBN_DATA points now wins, as its error messages advise.
     # The files are checksummed, so any copy trains alike.
@@ -188,7 +189,10 @@ def _read_run_config(path: Path) -> dict | None:
     except (OSError, ValueError) as e:
         raise RunError(f"{path} is unreadable ({e}); remove it to resume with the options "
                        f"given on the command line") from None
-    return saved if isinstance(saved, dict) else None
+    if not isinstance(saved, dict):
+        return None
+    check_settings(path, saved, RunError)
+    return saved
 
 
 # --------------------------------------------------------------------------
@@ -362,6 +366,102 @@ class Bookkeeping:
                 "images_per_second": self.epoch_images / max(self.epoch_step_time, 1e-9)}
 
 
+# What each field of a checkpoint's meta.json holds, as this version writes
+# it. A JSON number written as an integer is a fine float.
+_NUMBER = (int, float)
+BOOKKEEPING_TYPES = {
+    "epoch": int, "batch": int, "loss_sum": _NUMBER, "acc_sum": _NUMBER, "finite_steps": int,
+    "epoch_images": int, "epoch_step_time": _NUMBER, "bad_total": int, "images_total": int,
+    "steady_time": _NUMBER, "steady_images": int, "train_seconds": _NUMBER,
+    "last_lr": _NUMBER + (type(None),), "last_epoch": (dict, type(None)),
+}
+_RUN_META_TYPES = {"position": int, "metrics_bytes": int, "bookkeeping": dict, "config": dict}
+# Config's annotations ("int | None", ...) as types.
+_ANNOTATED = {"str": str, "int": int, "float": _NUMBER, "bool": bool, "None": type(None)}
+CONFIG_TYPES = {
+    f.name: sum(((_ANNOTATED[t],) if isinstance(_ANNOTATED[t], type) else _ANNOTATED[t]
+                 for t in str(f.type).split(" | ")), ())
+    for f in dataclasses.fields(Config)}
+CONFIG_FIELDS = frozenset(CONFIG_TYPES)
+
+
+def _holds(value: Any, kind) -> bool:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # JSON true/false are not counts.
+    return isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+
+
+def _not_ours(path: Path, what: str, error=None) -> Exception:
+    name = f"checkpoint {path}" if error is None else str(path)
+    return (error or checkpoint.CheckpointError)(
+        f"{name}: {what}; it was not written by this version of train: resume it "
+        f"with the version that wrote it, or start a fresh --out")
+
+
+def check_settings(path: Path, saved: dict[str, Any], error=None) -> None:
+    """The saved settings of a run (checkpoint or config.json) are this version's.
+
+    Older versions wrote fewer settings (the defaults apply); an unknown one
+    comes from a newer version, and would be dropped silently.
+    """
+    unknown = sorted(saved.keys() - CONFIG_FIELDS)
+    if unknown:
+        what = f"unknown settings: {', '.join(unknown)}"
+        if error is None:
+            raise checkpoint.NewerCheckpointError(path, what)
+        raise error(f"{path} was written by a newer version of train ({what}); upgrade train "
+                    f"to resume it, or start a fresh --out")
+    for key, value in saved.items():
+        if not _holds(value, CONFIG_TYPES[key]):
+            raise _not_ours(path, f"setting {_describe(key, value, CONFIG_TYPES[key])}", error)
+
+
+def _describe(key: str, value: Any, kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    expected = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+    return f"{key} is {value!r:.40} ({type(value).__name__}), expected {expected}"
+
+
+def check_meta(path: Path, meta: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose run fields this version cannot use exactly.
+
+    Its checksum holds, so this is not damage but another version's layout:
+    unknown fields come from a newer one (NewerCheckpointError). Neither is
+    skipped for an older checkpoint, which would throw the newest away.
+    """
+    for key, kind in _RUN_META_TYPES.items():
+        _check_field(path, key, meta, kind)
+    unknown = sorted(meta["bookkeeping"].keys() - BOOKKEEPING_TYPES.keys())
+    if unknown:
+        raise checkpoint.NewerCheckpointError(
+            path, f"unknown bookkeeping fields: {', '.join(unknown)}")
+    check_settings(path, meta["config"])
+    for key, kind in BOOKKEEPING_TYPES.items():
+        _check_field(path, key, meta["bookkeeping"], kind, "bookkeeping field ")
+
+
+def _check_field(path: Path, key: str, fields: dict, kind, label: str = "") -> None:
+    if key not in fields:
+        raise _not_ours(path, f"{label}{key} is missing")
+    if not _holds(fields[key], kind):
+        raise _not_ours(path, label + _describe(key, fields[key], kind))
+
+
+def check_checkpoints(root: Path) -> None:
+    """check_meta on every checkpoint whose meta.json reads, before --out changes.
+
+    Damaged ones are left to restore_latest, which skips them with a warning.
+    """
+    for _, path in checkpoint.list_checkpoints(root):
+        try:
+            meta = checkpoint.read_meta(path)
+        except checkpoint.NewerCheckpointError:
+            raise
+        except checkpoint.CheckpointError:
+            continue
+        check_meta(path, meta)
+
+
 # --------------------------------------------------------------------------
 # the run
 
@@ -448,6 +548,8 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
         return train()
     lock_fd = open_out_dir(out, cfg.resume)
     try:
+        if cfg.resume:
+            check_checkpoints(out / "checkpoints")  # before config.json is rewritten
         for name in remove_leftovers(out):
             say(f"removed a leftover temporary file: {name}")
         # The settings, before anything else: a run killed before its first
@@ -595,6 +697,7 @@ def _train(cfg, dataset, out, spe, total_steps, eval_bs, opts, mesh, stdout, int
         restored = checkpoint.restore_latest(ckpt_root, state, warn=progress.message)
         if restored is not None:
             state, meta = restored
+            check_meta(ckpt_root / f"ckpt-{meta['position']:09d}", meta)
             book = Bookkeeping(**meta["bookkeeping"])
             resumed_from = meta["position"]
             if primary:

@@ -6,12 +6,13 @@ verifies, as the user sees it from the command line.
 """
 
 import io
+import json
 import os
 
 import pytest
 
-from reliability_helpers import (STEPS_PER_EPOCH, TINY, TINY_ARGS, assert_same_run,
-                                 run_cli)
+from reliability_helpers import (STEPS_PER_EPOCH, TINY, TINY_ARGS, assert_one_line_error,
+                                 assert_same_run, run_cli)
 from reliability_helpers import reference  # noqa: F401  (a fixture)
 
 from train import checkpoint, loop
@@ -126,3 +127,53 @@ def test_a_restart_replaces_damaged_checkpoints_it_reaches_again(tmp_path, refer
     text = resume(out)
     assert f"resuming from checkpoints/ckpt-{STEPS_PER_EPOCH:09d}" in text
     assert_same_run(out, reference)
+
+
+def rewrite_meta(ckpt, change):
+    """Change meta.json's fields as another version of train would, checksum included."""
+    path = ckpt / checkpoint.META_FILE
+    meta = json.loads(path.read_text())
+    change(meta)
+    meta["meta_sha256"] = checkpoint._meta_digest(meta)
+    path.write_text(json.dumps(meta, indent=1))
+
+
+NEWER = "was written by a newer version of train"
+FOREIGN = "was not written by this version of train"
+OTHER_VERSIONS = [
+    (lambda m: m["bookkeeping"].update(grad_accum_index=2),
+     [NEWER, "unknown bookkeeping fields: grad_accum_index", "start a fresh --out"]),
+    (lambda m: m["config"].update(label_smoothing=0.1),
+     [NEWER, "unknown settings: label_smoothing", "start a fresh --out"]),
+    (lambda m: m.update(format=checkpoint.FORMAT + 1),
+     [NEWER, f"format {checkpoint.FORMAT + 1}", "start a fresh --out"]),
+    (lambda m: m["bookkeeping"].pop("loss_sum"),
+     [FOREIGN, "bookkeeping field loss_sum is missing", "start a fresh --out"]),
+    (lambda m: m["bookkeeping"].update(batch="4"),
+     [FOREIGN, "bookkeeping field batch is '4' (str), expected int"]),
+    (lambda m: m.update(bookkeeping=[4]),
+     [FOREIGN, "bookkeeping is [4] (list), expected dict"]),
+    (lambda m: m.pop("metrics_bytes"),
+     [FOREIGN, "metrics_bytes is missing"]),
+    (lambda m: m["config"].update(epochs="20"),
+     [FOREIGN, "setting epochs is '20' (str), expected int or null"]),
+]
+
+
+@pytest.mark.parametrize("change, fragments", OTHER_VERSIONS, ids=[
+    "extra-bookkeeping", "extra-setting", "newer-format", "missing-field", "wrong-type",
+    "bookkeeping-not-a-dict", "missing-top-level-field", "wrong-setting-type"])
+def test_a_checkpoint_of_another_version_is_refused_with_one_line_and_kept(
+        tmp_path, change, fragments):
+    # Its checksums hold, so it is not damaged: skipping it for an older
+    # checkpoint (or the beginning) would cut metrics.jsonl back and in time
+    # delete it; a resume must stop instead and change nothing in --out.
+    out = tmp_path / "run"
+    newest = interrupted_run(out)
+    rewrite_meta(newest, change)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    proc = run_cli("--out", out, "--resume")
+    line = assert_one_line_error(proc, str(newest), *fragments)
+    assert proc.returncode == 1, line
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before

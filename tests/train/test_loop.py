@@ -428,6 +428,30 @@ def _run_config_only(out, **kw):
     (out / loop.RUN_CONFIG).write_text(json.dumps(tiny(out, **kw).to_dict()))
 
 
+def test_every_bookkeeping_field_has_a_checked_type():
+    import dataclasses
+    assert [f.name for f in dataclasses.fields(loop.Bookkeeping)] == list(loop.BOOKKEEPING_TYPES)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"label_smoothing": 0.1}, "was written by a newer version of train (unknown settings: "
+                               "label_smoothing); upgrade train to resume it, or start a fresh "
+                               "--out"),
+    ({"seed": "5"}, ": setting seed is '5' (str), expected int; it was not written by this "
+                    "version of train"),
+], ids=["newer", "wrong-type"])
+def test_resume_refuses_a_config_json_of_another_version(tmp_path, change, message):
+    # A run killed before its first checkpoint resumes from config.json alone.
+    out = tmp_path / "run"
+    _run_config_only(out)
+    saved = json.loads((out / loop.RUN_CONFIG).read_text())
+    (out / loop.RUN_CONFIG).write_text(json.dumps({**saved, **change}))
+    with pytest.raises(loop.RunError) as info:
+        loop.resume_config({"out": str(out), "resume": True})
+    assert str(info.value).startswith(str(out / loop.RUN_CONFIG))
+    assert message in str(info.value)
+
+
 def test_resume_refuses_typed_options_the_checkpointed_run_ignores(tmp_path):
     out = tmp_path / "run"
     _run_config_only(out, norm="layer", model="cnn")
