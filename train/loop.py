@@ -366,23 +366,22 @@ class Bookkeeping:
                 "images_per_second": self.epoch_images / max(self.epoch_step_time, 1e-9)}
 
 
-# What each field of a checkpoint's meta.json holds, as this version writes
-# it. A JSON number written as an integer is a fine float.
-_NUMBER = (int, float)
-BOOKKEEPING_TYPES = {
-    "epoch": int, "batch": int, "loss_sum": _NUMBER, "acc_sum": _NUMBER, "finite_steps": int,
-    "epoch_images": int, "epoch_step_time": _NUMBER, "bad_total": int, "images_total": int,
-    "steady_time": _NUMBER, "steady_images": int, "train_seconds": _NUMBER,
-    "last_lr": _NUMBER + (type(None),), "last_epoch": (dict, type(None)),
-}
-_RUN_META_TYPES = {"position": int, "metrics_bytes": int, "bookkeeping": dict, "config": dict}
-# Config's annotations ("int | None", ...) as types.
-_ANNOTATED = {"str": str, "int": int, "float": _NUMBER, "bool": bool, "None": type(None)}
-CONFIG_TYPES = {
-    f.name: sum(((_ANNOTATED[t],) if isinstance(_ANNOTATED[t], type) else _ANNOTATED[t]
-                 for t in str(f.type).split(" | ")), ())
-    for f in dataclasses.fields(Config)}
+# The JSON types of each annotation in Config and Bookkeeping: a number
+# written as an integer is a fine float.
+_JSON_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+               "dict": (dict,), "None": (type(None),)}
+
+
+def _field_types(cls) -> dict[str, tuple[type, ...]]:
+    """What each field of a dataclass may hold in JSON, from its annotation ("int | None")."""
+    return {f.name: sum((_JSON_TYPES[t] for t in str(f.type).split(" | ")), ())
+            for f in dataclasses.fields(cls)}
+
+
+BOOKKEEPING_TYPES = _field_types(Bookkeeping)
+CONFIG_TYPES = _field_types(Config)
 CONFIG_FIELDS = frozenset(CONFIG_TYPES)
+_RUN_META_TYPES = {"position": int, "metrics_bytes": int, "bookkeeping": dict, "config": dict}
 
 
 def _holds(value: Any, kind) -> bool:
