@@ -228,6 +228,45 @@ def test_full_size_results_are_replaced_by_runs_of_their_sections(tmp_path):
     assert _replaces_more(tmp_path, ["pool"], True) is None
 
 
+def test_run_on_another_device_refuses_to_replace_its_results(tmp_path, monkeypatch, capsys):
+    # A CPU run with --write-results benchmarks/gpu-h200 used to replace the
+    # H200's results with the CPU's.
+    import jax
+
+    from benchmarks import bn
+    from benchmarks.__main__ import main
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU is present: the H200's results may be this machine's kind")
+    (tmp_path / "results.json").write_bytes((ROOT / "benchmarks/gpu-h200/results.json").read_bytes())
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    monkeypatch.setattr(bn, "run", lambda *args: pytest.fail("timed before refusing"))
+    # What main sets for the whole process, kept to this test.
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    assert main(["--only", "bn,torch", "--write-results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--only bn,torch --rounds 1 --repeats 10 --write-results /root/out/gpu` on gpu " \
+           "(NVIDIA H200), and this run is on cpu (cpu); choose another folder" in err
+    assert str(tmp_path / "results.json") in err
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
+
+
+def test_results_of_the_same_kind_of_device_are_replaced(tmp_path):
+    from benchmarks.__main__ import _other_machine
+
+    assert _other_machine(tmp_path, "cpu", {"cpu"}) is None  # nothing there yet
+    machine = {"backend": "gpu", "devices": ["cuda:0 (NVIDIA H200)", "cuda:1 (NVIDIA H200)"]}
+    _full_size_results(tmp_path, command="python -m benchmarks --gpu", machine=machine)
+    assert _other_machine(tmp_path, "gpu", {"NVIDIA H200"}) is None
+    assert "on gpu (NVIDIA H200), and this run is on gpu (NVIDIA H100)" in \
+        _other_machine(tmp_path, "gpu", {"NVIDIA H100"})
+    # A smoke test's results are no loss.
+    _full_size_results(tmp_path, command="python -m benchmarks --quick", quick=True,
+                       machine=machine)
+    assert _other_machine(tmp_path, "cpu", {"cpu"}) is None
+
+
 def test_missing_torch_fails_before_timing(tmp_path):
     # A torch that does not import, as where only jaxbn[train] is installed:
     # the PyTorch workers would fail only after the JAX sections ran.
