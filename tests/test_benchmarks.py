@@ -107,10 +107,24 @@ def test_bn_tables_name_their_units():
         assert any(unit in t for unit in ("median time", "MiB", "GB/s")), t
 
 
-def test_interrupted_plot_keeps_the_previous_one(tmp_path, monkeypatch):
-    import matplotlib.figure
+def _earlier_results(directory):
+    for name in ("RESULTS.md", "results.json", "bn_times.png"):
+        (directory / name).write_bytes(f"an earlier run's {name}".encode())
+    return {f.name: f.read_bytes() for f in directory.iterdir()}
+
+
+def _write_bn_results(directory):
+    import argparse
 
     from benchmarks import report
+
+    meta = report.meta(argparse.Namespace(only=["bn"]), True, 1, 1)
+    report.write(directory, meta, [("BN", "| table |")],
+                 {"quick": True, "bn": {"configs": [_bn_entry()]}})
+
+
+def test_interrupted_plot_keeps_the_previous_results(tmp_path, monkeypatch):
+    import matplotlib.figure
 
     def savefig(fig, target, **kwargs):
         # Stopped as by a full disk: the target opened and partly written.
@@ -118,13 +132,30 @@ def test_interrupted_plot_keeps_the_previous_one(tmp_path, monkeypatch):
             f.write(b"\x89PNG\r\n\x1a\n")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    plot = tmp_path / "bn_times.png"
-    plot.write_bytes(b"the previous run's plot")
+    before = _earlier_results(tmp_path)
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
     with pytest.raises(OSError, match="No space left"):
-        report._plot(plot, {"quick": True, "bn": {"configs": [_bn_entry()]}})
-    assert plot.read_bytes() == b"the previous run's plot"
-    assert [f.name for f in tmp_path.iterdir()] == ["bn_times.png"]
+        _write_bn_results(tmp_path)
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("failing", ["RESULTS.md", "results.json", "bn_times.png"])
+def test_results_are_written_all_or_not_at_all(tmp_path, monkeypatch, failing):
+    # Each file used to be replaced in turn: a failure on a later one left
+    # this run's first files beside an earlier run's others, as one run's.
+    import pathlib
+
+    before = _earlier_results(tmp_path)
+    for method in ("write_bytes", "write_text"):
+        def write(path, data, *args, original=getattr(pathlib.Path, method), **kwargs):
+            if failing not in path.name:
+                return original(path, data, *args, **kwargs)
+            original(path, data[:3], *args, **kwargs)  # stopped midway, as by a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(pathlib.Path, method, write)
+    with pytest.raises(OSError, match="No space left"):
+        _write_bn_results(tmp_path)
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before  # no temporaries
 
 
 @pytest.mark.parametrize("steps", [[0.01, 0.03], [0.01, 0.03, 0.02], [0.04, 0.01, 0.03, 0.02]])
