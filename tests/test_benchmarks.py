@@ -333,32 +333,85 @@ def test_crashed_worker_is_reported_and_leaves_the_results(tmp_path):
     assert (out / "RESULTS.md").read_text() == "an earlier run's results\n"
 
 
+def _run_with_a_worker(*args):
+    """A quick run of the torch section, and its JAX worker's pid once it has one."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "--quick", "--only", "torch",
+                             *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "round 1/1: JAX" in line:
+            break
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.monotonic() + 60
+    # Once it runs the worker: between the fork and the exec, the parent is
+    # still starting it.
+    while not (workers := [pid for pid in children.read_text().split()
+                           if b"benchmarks.jax_worker" in _command_line(pid)]):
+        assert time.monotonic() < deadline, "no worker process started"
+        time.sleep(0.05)
+    return proc, int(workers[0])
+
+
+def _command_line(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def _running(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has ended, and waits for whoever adopted it to reap it
+
+
+def _outlived(pid):
+    """Whether worker ``pid`` still runs (then killed, for the next tests)."""
+    if not _running(pid):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return True
+
+
 def test_terminated_run_ends_its_worker_process():
     # SIGTERM, as from timeout(1) or a cancelled job, used to end the parent
     # alone: its worker kept timing on the shared machine.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "--quick", "--only", "torch"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    proc, worker = _run_with_a_worker()
     try:
-        for line in proc.stdout:
-            if "round 1/1: JAX" in line:
-                break
-        deadline = time.monotonic() + 60
-        while not (workers := Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()):
-            assert time.monotonic() < deadline, "no worker process started"
-            time.sleep(0.05)
         proc.terminate()
         proc.wait(timeout=60)
     finally:
         proc.kill()
         proc.wait()
-    for pid in map(int, workers):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            continue
-        pytest.fail(f"worker process {pid} outlived the run")
+    assert not _outlived(worker), f"worker process {worker} outlived the run"
     assert proc.returncode == 128 + signal.SIGTERM
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers die with their parent on Linux")
+def test_killed_run_ends_its_worker_process():
+    # SIGKILL leaves the parent no time to end its worker, which used to go
+    # on timing (here for minutes) on the shared machine.
+    proc, worker = _run_with_a_worker("--repeats", "1000000")
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30  # the worker's imports at most, if it was still importing
+    while _running(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _outlived(worker), f"worker process {worker} outlived its killed parent by 30 s"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers die with their parent on Linux")
+def test_worker_whose_parent_died_before_it_started_ends():
+    # The parent named in its environment (here this test's parent) is not
+    # its parent: it died before the worker could ask to be signalled.
+    env = dict(os.environ, BENCHMARKS_PARENT_PID=str(os.getppid()))
+    proc = subprocess.run([sys.executable, "-c", "from benchmarks import procs\n"
+                           "procs.die_with_parent()\nprint('timing')"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL and "timing" not in proc.stdout
 
 
 @pytest.mark.parametrize("body, timeout, how", [
