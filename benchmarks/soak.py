@@ -223,8 +223,18 @@ def main(argv=None) -> int:
     r["malloc"] = malloc
     print(report(r))
     if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=1) + "\n")
+        _write_atomic(Path(args.json), json.dumps(r, indent=1) + "\n")
     return 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """``path`` holds ``text``, or (on a failure, a full disk) what it held before."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
