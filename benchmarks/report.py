@@ -267,13 +267,13 @@ def _markdown(meta: dict, sections, plot: str | None) -> str:
 
 
 def _backend_note(backend: str) -> str:
-    command = "`python -m benchmarks --write-results`"
     if backend == "cpu":
-        return (f"**Every number in this run is CPU.** On a GPU machine the same command, "
-                f"{command}, measures JAX's default backend (the GPU, on GPU-sized shapes) "
-                f"and runs PyTorch on CUDA; `python -m benchmarks --gpu` insists on a GPU "
-                f"(an H200's results: `benchmarks/gpu-h200/`). The malloc section applies "
-                f"to CPU only.")
+        return ("**Every number in this run is CPU.** On a GPU machine, "
+                "`python -m benchmarks --write-results DIR` measures JAX's default backend (the "
+                "GPU, on GPU-sized shapes) and runs PyTorch on CUDA, into a folder of its own "
+                "(one holding another device's results is refused); `python -m benchmarks "
+                "--gpu` insists on a GPU (an H200's results: `benchmarks/gpu-h200/`). The "
+                "malloc section applies to CPU only.")
     return f"Backend `{backend}`: the CPU-only malloc section was skipped."
 
 
