@@ -55,6 +55,8 @@ def parse(argv):
         p.error(f"--only {args.only!r} names no section; choose from {', '.join(SECTIONS)}")
     args.only = only
     if args.write_results:
+        # A shell leaves ~ alone in --write-results=~/res: the home folder is still meant.
+        args.write_results = os.path.expanduser(args.write_results)
         # Checked before the run: a full one takes about 20 minutes.
         directory = Path(args.write_results)
         problem = _unwritable(directory)

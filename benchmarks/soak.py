@@ -210,6 +210,8 @@ def main(argv=None) -> int:
     if args.steps < 1 or args.every < 1 or args.batch_size < 1:
         p.error("--steps, --every and --batch-size must be at least 1")
     if args.json:
+        # A shell leaves ~ alone in --json=~/soak.json: the home folder is still meant.
+        args.json = os.path.expanduser(args.json)
         problem = _unwritable(Path(args.json))
         if problem:
             # Checked before training: the JSON is written after it, minutes later.

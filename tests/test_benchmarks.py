@@ -218,6 +218,17 @@ def test_unwritable_results_folder_fails_before_timing(tmp_path):
     assert "backend" not in proc.stdout  # nothing was timed
 
 
+def test_a_tilde_the_shell_left_in_write_results_means_the_home_folder(tmp_path, monkeypatch):
+    # --write-results=~/res used to create a folder named ~ in the current one.
+    from benchmarks.__main__ import parse
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert parse(["--only", "pool", "--write-results=~/res"]).write_results == \
+        str(tmp_path / "home" / "res")
+    assert [f.name for f in tmp_path.iterdir()] == ["home"]
+
+
 def _full_size_results(directory, **meta):
     # The three outputs of an earlier full-size run, as committed.
     (directory / "RESULTS.md").write_text("# Benchmark results\n")

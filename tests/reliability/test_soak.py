@@ -110,3 +110,13 @@ def test_an_interrupted_json_write_keeps_the_previous_file(monkeypatch, tmp_path
         soak.main(["--steps", "5", "--json", str(path)])
     assert [f.name for f in tmp_path.iterdir()] == ["soak.json"]  # no temporary
     assert path.read_text() == '{"steps": 5000}\n'
+
+
+def test_a_tilde_the_shell_left_in_json_means_the_home_folder(monkeypatch, tmp_path):
+    # --json=~/soak.json was refused: no folder named ~ in the current one.
+    monkeypatch.setattr(soak, "apply_malloc_settings", lambda glibc_defaults: "untouched")
+    monkeypatch.setattr(soak, "soak", lambda *args, **kwargs: {"steps": 5})
+    monkeypatch.setattr(soak, "report", lambda r: "soak: 5 steps")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert soak.main(["--steps", "5", "--json=~/soak.json"]) == 0
+    assert json.loads((tmp_path / "soak.json").read_text())["steps"] == 5
