@@ -187,9 +187,9 @@ def _unwritable(path: Path) -> str | None:
     try:
         if path.exists():
             open(path, "a").close()
-        else:
-            with tempfile.TemporaryFile(dir=path.parent):
-                pass
+        # The JSON goes to a temporary beside it first.
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
     except OSError as e:
         return e.strerror or str(e)
     return None

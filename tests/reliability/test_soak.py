@@ -120,3 +120,21 @@ def test_a_tilde_the_shell_left_in_json_means_the_home_folder(monkeypatch, tmp_p
     monkeypatch.setenv("HOME", str(tmp_path))
     assert soak.main(["--steps", "5", "--json=~/soak.json"]) == 0
     assert json.loads((tmp_path / "soak.json").read_text())["steps"] == 5
+
+
+def test_a_json_path_in_a_read_only_folder_is_refused_before_training(monkeypatch, capsys,
+                                                                      tmp_path):
+    # The file itself can be appended to, but the temporary written beside it
+    # cannot be created: that used to show only after the soak.
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("train.models.build_model", _no_training)
+    monkeypatch.setattr(soak, "apply_malloc_settings", lambda glibc_defaults: "untouched")
+    monkeypatch.setattr(soak.tempfile, "TemporaryFile", read_only)
+    path = tmp_path / "soak.json"
+    path.write_text("{}\n")
+    with pytest.raises(SystemExit) as e:
+        soak.main(["--steps", "5", "--warmup", "1", "--json", str(path)])
+    assert e.value.code == 2
+    assert f"--json {path}: Permission denied; choose another path" in capsys.readouterr().err
