@@ -44,7 +44,8 @@ def parse(argv):
     p.add_argument("--write-results", nargs="?", const=str(HERE), metavar="DIR",
                    help="write RESULTS.md, bn_times.png and results.json to DIR "
                         "(default: benchmarks/); a full-size run's results there are "
-                        "replaced only by a full-size run of at least their sections")
+                        "replaced only by a full-size run of at least their sections "
+                        "on the same kind of device")
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(only) - set(SECTIONS))
@@ -54,6 +55,8 @@ def parse(argv):
         p.error(f"--only {args.only!r} names no section; choose from {', '.join(SECTIONS)}")
     args.only = only
     if args.write_results:
+        # A shell leaves ~ alone in --write-results=~/res: the home folder is still meant.
+        args.write_results = os.path.expanduser(args.write_results)
         # Checked before the run: a full one takes about 20 minutes.
         directory = Path(args.write_results)
         problem = _unwritable(directory)
@@ -96,12 +99,9 @@ def _replaces_more(directory: Path, only: list[str], quick: bool) -> str | None:
     comes from one run, so a subset cannot be merged into them.
     """
     results = directory / "results.json"
-    try:
-        meta = json.loads(results.read_text())["meta"]
-        if meta["quick"]:
-            return None  # a smoke test's numbers
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # no results of ours there
+    meta = _full_size_meta(results)
+    if meta is None:
+        return None
     had = set(meta["sections"]) if "sections" in meta else _sections_of(meta["command"])
     missing = [s for s in SECTIONS if s in had and s not in only]
     if missing:
@@ -113,6 +113,40 @@ def _replaces_more(directory: Path, only: list[str], quick: bool) -> str | None:
         return None
     return (f"it holds the full-size results of `{meta['command']}`; {change}, choose another "
             f"folder, or delete {results} to replace them")
+
+
+def _full_size_meta(results: Path) -> dict | None:
+    """The meta of the full-size results in ``results`` (None: none, or a smoke test's)."""
+    try:
+        meta = json.loads(results.read_text())["meta"]
+        return None if meta["quick"] else meta
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no results of ours there
+
+
+def _other_machine(directory: Path, backend: str, kinds: set[str]) -> str | None:
+    """Why this run's results would replace another machine's in ``directory`` (None if not).
+
+    A folder holds one kind of device's results (benchmarks/ the CPU's,
+    benchmarks/gpu-h200/ an H200's); asked after JAX is up, before timing.
+    """
+    results = directory / "results.json"
+    meta = _full_size_meta(results)
+    try:
+        machine = meta["machine"]
+        # "cuda:0 (NVIDIA H200)": the kind is in the last parentheses.
+        had = machine["backend"], {d.rsplit(" (", 1)[-1].rstrip(")") for d in machine["devices"]}
+    except (KeyError, TypeError, AttributeError):
+        return None  # none there, or written without the machine
+    if had == (backend, kinds):
+        return None
+    return (f"it holds the full-size results of `{meta['command']}` on {_devices(*had)}, and "
+            f"this run is on {_devices(backend, kinds)}; choose another folder, or delete "
+            f"{results} to replace them")
+
+
+def _devices(backend: str, kinds: set[str]) -> str:
+    return f"{backend} ({', '.join(sorted(kinds))})"
 
 
 def _sections_of(command: str) -> set[str]:
@@ -147,6 +181,12 @@ def main(argv=None) -> int:
               f"core), and JAX's default backend is {backend!r}; choose other sections, or "
               f"run them with JAX_PLATFORMS=cpu", file=sys.stderr)
         return 2
+    if args.write_results:
+        problem = _other_machine(Path(args.write_results), backend,
+                                 {d.device_kind for d in jax.devices()})
+        if problem:
+            print(f"--write-results {args.write_results}: {problem}", file=sys.stderr)
+            return 2
     quick = args.quick
     repeats = args.repeats or (2 if quick else 12)
     rounds = args.rounds or (1 if quick else 3)

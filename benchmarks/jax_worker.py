@@ -30,6 +30,7 @@ def bn_task(quick: bool, repeats: int) -> dict:
 
 
 def main(spec: dict) -> dict:
+    procs.die_with_parent()
     procs.pin_cores(spec.get("cores"))
     if spec.get("train_malloc"):
         tune_malloc()  # as python -m train does

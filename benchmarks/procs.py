@@ -7,6 +7,7 @@ side by side.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import os
@@ -64,6 +65,27 @@ def environment(name: str) -> dict[str, str]:
     return env
 
 
+# Set by the parent for its workers: its pid, which die_with_parent checks.
+PARENT_PID = "BENCHMARKS_PARENT_PID"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent() -> None:
+    """End this worker process with the parent that started it (Linux; elsewhere a no-op).
+
+    Called first by the workers: a SIGKILLed parent cannot end its worker,
+    which would go on timing on the machine for minutes.
+    """
+    parent = os.environ.get(PARENT_PID)
+    if parent is None or sys.platform != "linux":
+        return  # run by hand, or no prctl
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    # A parent that died before the prctl sends no signal: this process
+    # has already been adopted by another.
+    if os.getppid() != int(parent):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 TORCH_WORKER = "benchmarks.torch_worker"
 
 
@@ -105,7 +127,8 @@ def result(what: str, module: str, spec: dict, env: dict[str, str], timeout: flo
     what = f"{what}, python -m {module},"
     try:
         proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True,
-                              text=True, cwd=ROOT, timeout=timeout, env=env)
+                              text=True, cwd=ROOT, timeout=timeout,
+                              env=dict(env, **{PARENT_PID: str(os.getpid())}))
     except subprocess.TimeoutExpired as e:
         # Bytes whatever text= says.
         raise WorkerError(f"{what} did not finish within {timeout:.0f} s",

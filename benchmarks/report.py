@@ -164,27 +164,42 @@ def _settings_numbers(run: dict):
 # RESULTS.md and the plot
 
 
+PLOT = "bn_times.png"
+
+
 def write(directory: Path, meta: dict, sections: list[tuple[str, str]], results: dict) -> Path:
-    """RESULTS.md, the plot, and results.json (the raw numbers, for later comparisons)."""
+    """RESULTS.md, the plot, and results.json (the raw numbers, for later comparisons).
+
+    All of them or none: RESULTS.md says every number comes from one run, so
+    a failure midway (a full disk) must not leave this run's beside an
+    earlier run's.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    plot = _plot(directory / "bn_times.png", results)
-    _write_atomic(directory / "results.json",
-                  json.dumps({"meta": meta, "results": results}, indent=1, sort_keys=True) + "\n")
-    path = directory / "RESULTS.md"
-    _write_atomic(path, _markdown(meta, sections, plot))
-    if plot is None:
+    png = _plot(results)
+    files = {"results.json": json.dumps({"meta": meta, "results": results}, indent=1,
+                                        sort_keys=True) + "\n",
+             "RESULTS.md": _markdown(meta, sections, PLOT if png else None)}
+    if png:
+        files[PLOT] = png
+    _write_all(directory, files)
+    if png is None:
         # Without BN numbers there is no plot; an earlier run's would pass for this one's.
-        (directory / "bn_times.png").unlink(missing_ok=True)
-    return path
+        (directory / PLOT).unlink(missing_ok=True)
+    return directory / "RESULTS.md"
 
 
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data)
-    os.replace(tmp, path)
+def _write_all(directory: Path, files: dict[str, str | bytes]) -> None:
+    """Write every file or none: each to a temporary, renamed into place once all are written."""
+    temporaries = {}
+    try:
+        for name, data in files.items():
+            tmp = temporaries[directory / name] = directory / f".{name}.tmp"
+            tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        for path, tmp in temporaries.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in temporaries.values():
+            tmp.unlink(missing_ok=True)
 
 
 def _thp_setting() -> str:
@@ -252,17 +267,18 @@ def _markdown(meta: dict, sections, plot: str | None) -> str:
 
 
 def _backend_note(backend: str) -> str:
-    command = "`python -m benchmarks --write-results`"
     if backend == "cpu":
-        return (f"**Every number in this run is CPU.** On a GPU machine the same command, "
-                f"{command}, measures JAX's default backend (the GPU, on GPU-sized shapes) "
-                f"and runs PyTorch on CUDA; `python -m benchmarks --gpu` insists on a GPU "
-                f"(an H200's results: `benchmarks/gpu-h200/`). The malloc section applies "
-                f"to CPU only.")
+        return ("**Every number in this run is CPU.** On a GPU machine, "
+                "`python -m benchmarks --write-results DIR` measures JAX's default backend (the "
+                "GPU, on GPU-sized shapes) and runs PyTorch on CUDA, into a folder of its own "
+                "(one holding another device's results is refused); `python -m benchmarks "
+                "--gpu` insists on a GPU (an H200's results: `benchmarks/gpu-h200/`). The "
+                "malloc section applies to CPU only.")
     return f"Backend `{backend}`: the CPU-only malloc section was skipped."
 
 
-def _plot(path: Path, results: dict) -> str | None:
+def _plot(results: dict) -> bytes | None:
+    """The PNG of the BN (and CNN step) times; None without BN numbers."""
     if "bn" not in results:
         return None
     import matplotlib
@@ -278,8 +294,7 @@ def _plot(path: Path, results: dict) -> str | None:
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    _write_atomic(path, png.getvalue())
-    return path.name
+    return png.getvalue()
 
 
 def _bn_panel(ax, bn_results):

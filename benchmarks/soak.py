@@ -187,9 +187,9 @@ def _unwritable(path: Path) -> str | None:
     try:
         if path.exists():
             open(path, "a").close()
-        else:
-            with tempfile.TemporaryFile(dir=path.parent):
-                pass
+        # The JSON goes to a temporary beside it first.
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
     except OSError as e:
         return e.strerror or str(e)
     return None
@@ -210,6 +210,8 @@ def main(argv=None) -> int:
     if args.steps < 1 or args.every < 1 or args.batch_size < 1:
         p.error("--steps, --every and --batch-size must be at least 1")
     if args.json:
+        # A shell leaves ~ alone in --json=~/soak.json: the home folder is still meant.
+        args.json = os.path.expanduser(args.json)
         problem = _unwritable(Path(args.json))
         if problem:
             # Checked before training: the JSON is written after it, minutes later.
@@ -223,8 +225,18 @@ def main(argv=None) -> int:
     r["malloc"] = malloc
     print(report(r))
     if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=1) + "\n")
+        _write_atomic(Path(args.json), json.dumps(r, indent=1) + "\n")
     return 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """``path`` holds ``text``, or (on a failure, a full disk) what it held before."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

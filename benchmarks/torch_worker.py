@@ -148,6 +148,7 @@ def layers_task(quick, repeats, device):
 
 
 def main(spec):
+    procs.die_with_parent()
     procs.pin_cores(spec.get("cores"))
     device = torch.device(spec["device"])
     if device.type == "cpu":

@@ -107,10 +107,24 @@ def test_bn_tables_name_their_units():
         assert any(unit in t for unit in ("median time", "MiB", "GB/s")), t
 
 
-def test_interrupted_plot_keeps_the_previous_one(tmp_path, monkeypatch):
-    import matplotlib.figure
+def _earlier_results(directory):
+    for name in ("RESULTS.md", "results.json", "bn_times.png"):
+        (directory / name).write_bytes(f"an earlier run's {name}".encode())
+    return {f.name: f.read_bytes() for f in directory.iterdir()}
+
+
+def _write_bn_results(directory):
+    import argparse
 
     from benchmarks import report
+
+    meta = report.meta(argparse.Namespace(only=["bn"]), True, 1, 1)
+    report.write(directory, meta, [("BN", "| table |")],
+                 {"quick": True, "bn": {"configs": [_bn_entry()]}})
+
+
+def test_interrupted_plot_keeps_the_previous_results(tmp_path, monkeypatch):
+    import matplotlib.figure
 
     def savefig(fig, target, **kwargs):
         # Stopped as by a full disk: the target opened and partly written.
@@ -118,13 +132,30 @@ def test_interrupted_plot_keeps_the_previous_one(tmp_path, monkeypatch):
             f.write(b"\x89PNG\r\n\x1a\n")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    plot = tmp_path / "bn_times.png"
-    plot.write_bytes(b"the previous run's plot")
+    before = _earlier_results(tmp_path)
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
     with pytest.raises(OSError, match="No space left"):
-        report._plot(plot, {"quick": True, "bn": {"configs": [_bn_entry()]}})
-    assert plot.read_bytes() == b"the previous run's plot"
-    assert [f.name for f in tmp_path.iterdir()] == ["bn_times.png"]
+        _write_bn_results(tmp_path)
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("failing", ["RESULTS.md", "results.json", "bn_times.png"])
+def test_results_are_written_all_or_not_at_all(tmp_path, monkeypatch, failing):
+    # Each file used to be replaced in turn: a failure on a later one left
+    # this run's first files beside an earlier run's others, as one run's.
+    import pathlib
+
+    before = _earlier_results(tmp_path)
+    for method in ("write_bytes", "write_text"):
+        def write(path, data, *args, original=getattr(pathlib.Path, method), **kwargs):
+            if failing not in path.name:
+                return original(path, data, *args, **kwargs)
+            original(path, data[:3], *args, **kwargs)  # stopped midway, as by a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(pathlib.Path, method, write)
+    with pytest.raises(OSError, match="No space left"):
+        _write_bn_results(tmp_path)
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before  # no temporaries
 
 
 @pytest.mark.parametrize("steps", [[0.01, 0.03], [0.01, 0.03, 0.02], [0.04, 0.01, 0.03, 0.02]])
@@ -187,6 +218,17 @@ def test_unwritable_results_folder_fails_before_timing(tmp_path):
     assert "backend" not in proc.stdout  # nothing was timed
 
 
+def test_a_tilde_the_shell_left_in_write_results_means_the_home_folder(tmp_path, monkeypatch):
+    # --write-results=~/res used to create a folder named ~ in the current one.
+    from benchmarks.__main__ import parse
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert parse(["--only", "pool", "--write-results=~/res"]).write_results == \
+        str(tmp_path / "home" / "res")
+    assert [f.name for f in tmp_path.iterdir()] == ["home"]
+
+
 def _full_size_results(directory, **meta):
     # The three outputs of an earlier full-size run, as committed.
     (directory / "RESULTS.md").write_text("# Benchmark results\n")
@@ -228,6 +270,45 @@ def test_full_size_results_are_replaced_by_runs_of_their_sections(tmp_path):
     assert _replaces_more(tmp_path, ["pool"], True) is None
 
 
+def test_run_on_another_device_refuses_to_replace_its_results(tmp_path, monkeypatch, capsys):
+    # A CPU run with --write-results benchmarks/gpu-h200 used to replace the
+    # H200's results with the CPU's.
+    import jax
+
+    from benchmarks import bn
+    from benchmarks.__main__ import main
+
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU is present: the H200's results may be this machine's kind")
+    (tmp_path / "results.json").write_bytes((ROOT / "benchmarks/gpu-h200/results.json").read_bytes())
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    monkeypatch.setattr(bn, "run", lambda *args: pytest.fail("timed before refusing"))
+    # What main sets for the whole process, kept to this test.
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    assert main(["--only", "bn,torch", "--write-results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--only bn,torch --rounds 1 --repeats 10 --write-results /root/out/gpu` on gpu " \
+           "(NVIDIA H200), and this run is on cpu (cpu); choose another folder" in err
+    assert str(tmp_path / "results.json") in err
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
+
+
+def test_results_of_the_same_kind_of_device_are_replaced(tmp_path):
+    from benchmarks.__main__ import _other_machine
+
+    assert _other_machine(tmp_path, "cpu", {"cpu"}) is None  # nothing there yet
+    machine = {"backend": "gpu", "devices": ["cuda:0 (NVIDIA H200)", "cuda:1 (NVIDIA H200)"]}
+    _full_size_results(tmp_path, command="python -m benchmarks --gpu", machine=machine)
+    assert _other_machine(tmp_path, "gpu", {"NVIDIA H200"}) is None
+    assert "on gpu (NVIDIA H200), and this run is on gpu (NVIDIA H100)" in \
+        _other_machine(tmp_path, "gpu", {"NVIDIA H100"})
+    # A smoke test's results are no loss.
+    _full_size_results(tmp_path, command="python -m benchmarks --quick", quick=True,
+                       machine=machine)
+    assert _other_machine(tmp_path, "cpu", {"cpu"}) is None
+
+
 def test_missing_torch_fails_before_timing(tmp_path):
     # A torch that does not import, as where only jaxbn[train] is installed:
     # the PyTorch workers would fail only after the JAX sections ran.
@@ -263,32 +344,88 @@ def test_crashed_worker_is_reported_and_leaves_the_results(tmp_path):
     assert (out / "RESULTS.md").read_text() == "an earlier run's results\n"
 
 
+def _run_with_a_worker(*args):
+    """A quick run of the torch section, and its JAX worker's pid once it has one."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "--quick", "--only", "torch",
+                             *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if "round 1/1: JAX" in line:
+            break
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    deadline = time.monotonic() + 60
+    # Once it runs the worker: between the fork and the exec, the parent is
+    # still starting it.
+    while not (workers := [pid for pid in children.read_text().split()
+                           if b"benchmarks.jax_worker" in _command_line(pid)]):
+        assert time.monotonic() < deadline, "no worker process started"
+        time.sleep(0.05)
+    return proc, int(workers[0])
+
+
+def _command_line(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def _running(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has ended, and waits for whoever adopted it to reap it
+
+
+def _outlived(pid, seconds):
+    """Whether worker ``pid`` still runs after ``seconds`` (then killed, for the next tests)."""
+    deadline = time.monotonic() + seconds
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not _running(pid):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return True
+
+
 def test_terminated_run_ends_its_worker_process():
     # SIGTERM, as from timeout(1) or a cancelled job, used to end the parent
     # alone: its worker kept timing on the shared machine.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "--quick", "--only", "torch"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    proc, worker = _run_with_a_worker()
     try:
-        for line in proc.stdout:
-            if "round 1/1: JAX" in line:
-                break
-        deadline = time.monotonic() + 60
-        while not (workers := Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()):
-            assert time.monotonic() < deadline, "no worker process started"
-            time.sleep(0.05)
         proc.terminate()
         proc.wait(timeout=60)
     finally:
         proc.kill()
         proc.wait()
-    for pid in map(int, workers):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            continue
-        pytest.fail(f"worker process {pid} outlived the run")
+    # A SIGTERM while the parent is still starting the worker leaves it to
+    # end itself (on Linux), once its imports are done.
+    assert not _outlived(worker, 30), f"worker process {worker} outlived the run by 30 s"
     assert proc.returncode == 128 + signal.SIGTERM
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers die with their parent on Linux")
+def test_killed_run_ends_its_worker_process():
+    # SIGKILL leaves the parent no time to end its worker, which used to go
+    # on timing (here for minutes) on the shared machine.
+    proc, worker = _run_with_a_worker("--repeats", "1000000")
+    proc.kill()
+    proc.wait()
+    # Its imports at most, if it was still importing.
+    assert not _outlived(worker, 30), f"worker process {worker} outlived its killed parent by 30 s"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers die with their parent on Linux")
+def test_worker_whose_parent_died_before_it_started_ends():
+    # The parent named in its environment (here this test's parent) is not
+    # its parent: it died before the worker could ask to be signalled.
+    env = dict(os.environ, BENCHMARKS_PARENT_PID=str(os.getppid()))
+    proc = subprocess.run([sys.executable, "-c", "from benchmarks import procs\n"
+                           "procs.die_with_parent()\nprint('timing')"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL and "timing" not in proc.stdout
 
 
 @pytest.mark.parametrize("body, timeout, how", [

@@ -87,3 +87,54 @@ def test_an_unwritable_json_path_is_refused_before_training(monkeypatch, capsys,
         soak.main(["--steps", "5", "--warmup", "1", "--json", str(path)])
     assert e.value.code == 2
     assert f"--json {path}: {problem}; choose another path" in capsys.readouterr().err
+
+
+def test_an_interrupted_json_write_keeps_the_previous_file(monkeypatch, tmp_path):
+    # It was written in place: a full disk left a truncated JSON.
+    import errno
+    import pathlib
+
+    monkeypatch.setattr(soak, "apply_malloc_settings", lambda glibc_defaults: "untouched")
+    monkeypatch.setattr(soak, "soak", lambda *args, **kwargs: {"steps": 5})
+    monkeypatch.setattr(soak, "report", lambda r: "soak: 5 steps")
+    path = tmp_path / "soak.json"
+    path.write_text('{"steps": 5000}\n')
+
+    def write_text(target, data, *args, **kwargs):
+        with target.open("w") as f:
+            f.write(data[:3])  # stopped midway, as by a full disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    with pytest.raises(OSError, match="No space left"):
+        soak.main(["--steps", "5", "--json", str(path)])
+    assert [f.name for f in tmp_path.iterdir()] == ["soak.json"]  # no temporary
+    assert path.read_text() == '{"steps": 5000}\n'
+
+
+def test_a_tilde_the_shell_left_in_json_means_the_home_folder(monkeypatch, tmp_path):
+    # --json=~/soak.json was refused: no folder named ~ in the current one.
+    monkeypatch.setattr(soak, "apply_malloc_settings", lambda glibc_defaults: "untouched")
+    monkeypatch.setattr(soak, "soak", lambda *args, **kwargs: {"steps": 5})
+    monkeypatch.setattr(soak, "report", lambda r: "soak: 5 steps")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert soak.main(["--steps", "5", "--json=~/soak.json"]) == 0
+    assert json.loads((tmp_path / "soak.json").read_text())["steps"] == 5
+
+
+def test_a_json_path_in_a_read_only_folder_is_refused_before_training(monkeypatch, capsys,
+                                                                      tmp_path):
+    # The file itself can be appended to, but the temporary written beside it
+    # cannot be created: that used to show only after the soak.
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("train.models.build_model", _no_training)
+    monkeypatch.setattr(soak, "apply_malloc_settings", lambda glibc_defaults: "untouched")
+    monkeypatch.setattr(soak.tempfile, "TemporaryFile", read_only)
+    path = tmp_path / "soak.json"
+    path.write_text("{}\n")
+    with pytest.raises(SystemExit) as e:
+        soak.main(["--steps", "5", "--warmup", "1", "--json", str(path)])
+    assert e.value.code == 2
+    assert f"--json {path}: Permission denied; choose another path" in capsys.readouterr().err
