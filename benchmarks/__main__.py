@@ -81,10 +81,17 @@ def _positive_int(text: str) -> int:
 
 
 def _unwritable(directory: Path) -> str | None:
-    """Why results could not be written to ``directory`` (None if they can)."""
+    """Why results could not be written to ``directory`` (None if they can).
+
+    Creates nothing: a run refused or stopped later leaves no empty folder.
+    """
+    existing = directory
+    while not existing.exists():  # report.write creates the rest
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
         return e.strerror or str(e)
@@ -162,8 +169,10 @@ def main(argv=None) -> int:
     args = parse(argv)
     # SIGTERM (a timeout, a cancelled job) would end this process alone, and
     # the worker process it waits for would go on timing. As an exception it
-    # unwinds through subprocess.run, which kills the worker.
+    # unwinds through subprocess.run, which kills the worker. Ctrl-C likewise,
+    # without a traceback.
     signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGINT, _exit_on_signal)
     # On a GPU, JAX would otherwise take 75% of its memory at start-up in this
     # process and leave too little for the worker processes (JAX and PyTorch).
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -242,6 +251,8 @@ def main(argv=None) -> int:
 
 
 def _exit_on_signal(signum, frame):
+    print(f"\nstopped by {signal.Signals(signum).name}; results are written only when a run "
+          f"finishes", file=sys.stderr)
     sys.exit(128 + signum)
 
 

@@ -218,6 +218,15 @@ def test_unwritable_results_folder_fails_before_timing(tmp_path):
     assert "backend" not in proc.stdout  # nothing was timed
 
 
+def test_a_refused_run_leaves_no_results_folder(tmp_path):
+    # The writability check used to create the folder, which a run refused
+    # after it (here: --gpu on a CPU) left behind empty.
+    out = tmp_path / "new" / "results"
+    proc = _run("--gpu", "--write-results", str(out), timeout=120, JAX_PLATFORMS="cpu")
+    assert proc.returncode == 2 and "--gpu" in proc.stderr
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_tilde_the_shell_left_in_write_results_means_the_home_folder(tmp_path, monkeypatch):
     # --write-results=~/res used to create a folder named ~ in the current one.
     from benchmarks.__main__ import parse
@@ -226,7 +235,7 @@ def test_a_tilde_the_shell_left_in_write_results_means_the_home_folder(tmp_path,
     monkeypatch.chdir(tmp_path)
     assert parse(["--only", "pool", "--write-results=~/res"]).write_results == \
         str(tmp_path / "home" / "res")
-    assert [f.name for f in tmp_path.iterdir()] == ["home"]
+    assert not (tmp_path / "~").exists()
 
 
 def _full_size_results(directory, **meta):
@@ -348,7 +357,8 @@ def _run_with_a_worker(*args):
     """A quick run of the torch section, and its JAX worker's pid once it has one."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "--quick", "--only", "torch",
-                             *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+                             *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if "round 1/1: JAX" in line:
             break
@@ -390,20 +400,26 @@ def _outlived(pid, seconds):
     return True
 
 
-def test_terminated_run_ends_its_worker_process():
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stopped_run_ends_its_worker_process(tmp_path, signum):
     # SIGTERM, as from timeout(1) or a cancelled job, used to end the parent
-    # alone: its worker kept timing on the shared machine.
-    proc, worker = _run_with_a_worker()
+    # alone: its worker kept timing on the shared machine. Ctrl-C printed a
+    # traceback.
+    out = tmp_path / "results"
+    proc, worker = _run_with_a_worker("--write-results", str(out))
     try:
-        proc.terminate()
-        proc.wait(timeout=60)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
         proc.wait()
-    # A SIGTERM while the parent is still starting the worker leaves it to
+    # A signal while the parent is still starting the worker leaves it to
     # end itself (on Linux), once its imports are done.
     assert not _outlived(worker, 30), f"worker process {worker} outlived the run by 30 s"
-    assert proc.returncode == 128 + signal.SIGTERM
+    assert proc.returncode == 128 + signum
+    assert stderr.strip() == (f"stopped by {signal.Signals(signum).name}; results are written "
+                              f"only when a run finishes")
+    assert not out.exists()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="workers die with their parent on Linux")
