@@ -219,3 +219,40 @@ def test_gradients_with_axis_name():
       return jnp.sum(jax.vmap(per_device, axis_name='i')(x, mask, w))
 
     check_grads(jax.jit(f), (x,), order=2, modes=('fwd', 'rev'))
+
+
+def test_precise_bn_pools_over_the_axis_name_like_training():
+  # Data-parallel precise BN: each device runs its shard of every batch; the
+  # layers pool what they record over 'data' as they pool in training, so
+  # the result is precise BN on the unsharded batches (float64 reference).
+  from jaxbn._precise import precise_bn_nnx
+  rng = np.random.default_rng(6)
+  xs = [(rng.standard_normal((32, 3)) * [2.0, 0.5, 1.0] + [3.0, -2.0, 5.0]).astype(np.float32)
+        for _ in range(4)]
+  rngs = nnx.Rngs(0)
+  model = nnx.Sequential(
+      nnx.Linear(3, 6, rngs=rngs), jaxbn.nnx.BatchNorm(6, axis_name='data', rngs=rngs),
+      nnx.relu, nnx.Linear(6, 4, rngs=rngs), nnx.BatchNorm(4, axis_name='data', rngs=rngs))
+  model.layers[1].scale[...] = jnp.array([0.5, 1.0, 2.0, 1.5, 0.7, 1.2])
+  mesh = Mesh(np.array(jax.devices()[:NDEV]), ('data',))
+
+  def call(model, batch):
+    graphdef, state = nnx.split(model)
+
+    def per_device(state, x):
+      shard = nnx.merge(graphdef, state)
+      shard(x)
+      return nnx.state(shard)
+
+    nnx.update(model, jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P('data')),
+                                    out_specs=P(), check_vma=False)(state, batch))
+
+  precise_bn_nnx(model, xs, call=call)
+  f = lambda v: np.asarray(v[...], np.float64)
+  l1, bn1, _, l2, bn2 = model.layers
+  h1 = [x.astype(np.float64) @ f(l1.kernel) + f(l1.bias) for x in xs]
+  y1 = [(h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) * f(bn1.scale) + f(bn1.bias) for h in h1]
+  h2 = [np.maximum(y, 0) @ f(l2.kernel) + f(l2.bias) for y in y1]
+  for bn, h in ((bn1, np.concatenate(h1)), (bn2, np.concatenate(h2))):
+    np.testing.assert_allclose(bn.mean[...], h.mean(0), **TOL)
+    np.testing.assert_allclose(bn.var[...], h.var(0), **TOL)
