@@ -165,13 +165,24 @@ def virtual_batch_size(v) -> None:
 
 
 def param_matches(value, name: str, feature_shape: tuple[int, ...]) -> None:
+  """``value`` has ``feature_shape``, or holds those values flattened (NNX
+  stores ``(num_features,)``), size-1 axes aside. An equal size is not
+  enough: a ``(4, 3)`` array for features ``(3, 4)`` would be reshaped, its
+  values landing on the wrong features."""
   if value is None:
     return
   shape = tuple(jnp.shape(value))
-  if shape != feature_shape and math.prod(shape) != math.prod(feature_shape):
+  size = math.prod(feature_shape)
+  if _without_ones(shape) not in (_without_ones(feature_shape), _without_ones((size,))):
+    flat = f' or ({size},)' if len(feature_shape) > 1 else ''
     raise ValueError(
         f'{name} has shape {shape} but the input has feature shape '
-        f'{feature_shape}; pass one value per feature.')
+        f'{feature_shape}; pass one value per feature, of shape '
+        f'{feature_shape}{flat}.')
+
+
+def _without_ones(shape) -> tuple[int, ...]:
+  return tuple(d for d in shape if d != 1)
 
 
 def mask_for(mask, x_shape: tuple[int, ...]) -> jax.Array:

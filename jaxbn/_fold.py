@@ -130,10 +130,14 @@ def fold_batch_norm_nnx(model, pairs: Iterable[tuple] | None = None):
 
   A batch norm is any module with ``scale``, ``bias``, ``mean``, ``var``,
   ``epsilon`` and ``use_running_average`` attributes (``flax.nnx.BatchNorm``
-  and ``jaxbn.nnx.BatchNorm``) normalizing the last axis; a layer is any
+  and ``jaxbn.nnx.BatchNorm``); a layer is any
   module with a ``kernel`` whose last axis is its output features and a
-  per-feature ``bias`` attribute (possibly ``None``). Batch norms that are not
-  folded stay, so put the result in eval mode (``model.eval()``) to use it.
+  per-feature ``bias`` attribute (possibly ``None``). The batch norm's
+  ``axis`` must name the layer's output features: ``-1``, or that axis
+  counted from the front on an output with one batch axis (``3`` after a
+  2-D conv on NHWC, ``1`` after a Linear on ``(batch, features)``). Batch
+  norms that are not folded stay, so put the result in eval mode
+  (``model.eval()``) to use it.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn
@@ -168,7 +172,7 @@ def fold_batch_norm_nnx(model, pairs: Iterable[tuple] | None = None):
     layer = _resolve(model, layer_path)
     bn = _resolve(model, bn_path)
     _check_layer(layer, layer_path)
-    _check_batch_norm(bn, bn_path)
+    _check_batch_norm(bn, bn_path, layer)
     _fold_into(layer, bn)
     _replace(model, bn_path, FoldedBatchNorm())
   return model
@@ -283,17 +287,21 @@ def _check_layer(layer, path):
         'jaxbn.fold_batch_norm on jnp.swapaxes(kernel, -1, -2).')
 
 
-def _check_batch_norm(bn, path):
+def _check_batch_norm(bn, path, layer):
   if not _is_batch_norm(bn):
     raise TypeError(
         f'{_show(path)} is a {type(bn).__name__}, not a batch norm (needs '
         'scale, bias, mean, var, epsilon and use_running_average attributes).')
   axis = getattr(bn, 'axis', -1)
-  if axis not in (-1, (-1,)):
+  # The kernel fixes the rank of the layer's output for one batch axis:
+  # (batch, *window, features), e.g. NHWC for a 2-D conv, so axis=3 there.
+  last = jnp.ndim(_value(layer.kernel)) - 1
+  if axis not in (-1, (-1,), last, (last,)):
     raise ValueError(
         f'the batch norm at {_show(path)} normalizes axis={axis!r}, but folding '
-        'needs the features on the last axis (axis=-1), where Flax layers '
-        'put their outputs.')
+        f'needs it on the output features of the {type(layer).__name__} before '
+        f'it, the last axis, where Flax layers put them: axis=-1, or axis={last} '
+        'for an output with one batch axis.')
 
 
 def _show(path) -> str:

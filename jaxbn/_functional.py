@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _checks
-from jaxbn._moments import Moments, reduce_moments, separate_reads, stats_dtype
+from jaxbn._moments import (Moments, psum_in_groups, reduce_moments, separate_reads,
+                            stats_dtype)
 from jaxbn._state import BatchNormState
 
 
@@ -232,7 +233,8 @@ def batch_norm(
       ``vmap(axis_name=...)``) whose devices share statistics, pooled
       exactly and count-weighted. Not needed under ``jax.jit`` with a sharded
       batch: there the statistics are global already.
-    axis_index_groups: sub-groups of ``axis_name`` that sync separately.
+    axis_index_groups: sub-groups of ``axis_name`` that sync separately
+      (sizes may differ, under ``shard_map`` too; every index in one group).
     mask: boolean, broadcastable to ``x``; ``False`` entries take no part in
       the statistics and may hold NaN or Inf. They are still normalized in
       ``y`` (like Flax), so keep them out of your loss.
@@ -389,7 +391,7 @@ def _average_chunks(per_chunk: Moments, running_var, axis_name, axis_index_group
   sums = (jnp.sum(weight, 0), jnp.sum(per_chunk.mean * weight, 0),
           jnp.sum(_running_variance(per_chunk, running_var) * weight, 0))
   if axis_name is not None:
-    sums = lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
+    sums = psum_in_groups(sums, axis_name, axis_index_groups)
   n, mean_sum, var_sum = sums
   safe = jnp.maximum(n, 1.0)
   return Moments(mean=mean_sum / safe, var=var_sum / safe, count=n)

@@ -26,8 +26,9 @@ that first mean. Narrow inputs (bfloat16, float16) are widened inside each
 reduction, never as a stored copy (see :func:`separate_reads`).
 
 Cross-device. Each device reduces its own ``(n_i, mean_i, M2_i)``; a single
-``all_gather`` of that small per-feature triple (a ``psum`` of one-hot slots
-for ``axis_index_groups`` of unequal sizes) lets every device combine
+``all_gather`` of that small per-feature triple (over the whole axis, other
+groups' entries zeroed, for ``axis_index_groups`` of unequal sizes) lets
+every device combine
 them with Chan et al.'s pairwise formula
 ``M2 = sum(M2_i + n_i * (mean_i - mean)^2)``, which is exact and
 count-weighted: devices holding different numbers of valid entries combine
@@ -41,6 +42,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -279,16 +281,40 @@ def _gather(local, axis_name, axis_index_groups):
   """``local`` of every device of this device's group, stacked on a new axis 0.
 
   ``all_gather`` only takes groups of one size. For groups of different
-  sizes a ``psum`` of one-hot slots gathers the same values, each device
-  writing its own slot, with zeros (a count of 0, which pools as nothing) in
-  the slots of the other groups' devices.
+  sizes every device's ``local`` is gathered, and those of the other
+  groups' devices are zeros (a count of 0, which pools as nothing). A
+  ``psum`` of one-hot slots within the groups would gather the same, but
+  ``shard_map`` takes no ``axis_index_groups`` in a ``psum``.
   """
   sizes = {len(g) for g in axis_index_groups or ()}
   if len(sizes) <= 1:
     return lax.all_gather(local, axis_name, axis_index_groups=axis_index_groups)
-  slots = jnp.zeros((lax.psum(1, axis_name),) + local.shape, local.dtype)
-  slots = slots.at[lax.axis_index(axis_name)].set(local)
-  return lax.psum(slots, axis_name, axis_index_groups=axis_index_groups)
+  everyone = lax.all_gather(local, axis_name)
+  group_of = jnp.asarray(_group_ids(axis_index_groups, everyone.shape[0], axis_name))
+  same = group_of == group_of[lax.axis_index(axis_name)]
+  return jnp.where(jnp.expand_dims(same, tuple(range(1, everyone.ndim))), everyone, 0)
+
+
+def _group_ids(axis_index_groups, size, axis_name) -> np.ndarray:
+  """The group of each index of a mapped axis of ``size`` devices."""
+  indices = sorted(i for g in axis_index_groups for i in g)
+  if indices != list(range(size)):
+    raise ValueError(
+        f'axis_index_groups={axis_index_groups!r} must split the indices 0 to '
+        f'{size - 1} of axis_name={axis_name!r} into groups, each index in one '
+        'group.')
+  group_of = np.zeros(size, np.int32)
+  for k, g in enumerate(axis_index_groups):
+    group_of[list(g)] = k
+  return group_of
+
+
+def psum_in_groups(tree, axis_name, axis_index_groups):
+  """``lax.psum`` within ``axis_index_groups``, which ``shard_map`` only takes
+  in an ``all_gather`` (see :func:`_gather`)."""
+  if axis_index_groups is None:
+    return lax.psum(tree, axis_name)
+  return jax.tree.map(lambda x: jnp.sum(_gather(x, axis_name, axis_index_groups), axis=0), tree)
 
 
 def _expand(v, reduction_axes):

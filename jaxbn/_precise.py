@@ -136,6 +136,15 @@ def precise_bn_nnx(model, batches: Iterable, *, num_batches: int | None = None,
   valid entry, keep their statistics; so do step counts. On an error the
   model is left as it was. Returns ``model`` (changed in place).
 
+  Data parallel: a batch norm with an ``axis_name`` pools what it records
+  over that mapped axis (within its ``axis_index_groups``), as it pools its
+  statistics in training. Run the model as it trains, inside ``shard_map``
+  or ``pmap``, through ``call``, each batch split across the devices: every
+  device then records the statistics of the whole batch, and the result is
+  precise BN on the unsplit data. Such a layer cannot run in training mode
+  outside its mapped axis; under plain ``jax.jit`` with a sharded batch no
+  ``axis_name`` is needed, the statistics are global already.
+
   Example:
     >>> import jax, jaxbn
     >>> from flax import nnx
@@ -208,9 +217,9 @@ def _no_moments(stored):
   return jnp.zeros(jnp.shape(stored), stats_dtype(jnp.result_type(stored)))
 
 
-def _pool_into(recorded: Moments, x, axis, mask) -> Moments:
-  """``recorded`` pooled with the moments of a batch norm's input."""
-  m = _input_moments(x, axis, mask)
+def _pool_into(recorded: Moments, bn, x, mask) -> Moments:
+  """``recorded`` pooled with the moments of batch norm ``bn``'s input."""
+  m = _input_moments(bn, x, mask)
   m = jax.tree.map(lambda v: jnp.reshape(v, jnp.shape(recorded.mean)), m)
   return jax.tree.map(lambda v, old: v.astype(old.dtype), merge_moments(recorded, m), recorded)
 
@@ -229,7 +238,7 @@ def _recording(cls):
 
   def __call__(self, x, *args, **kwargs):
     if _training(self, args, kwargs):
-      total = _pool_into(_recorded(self), x, self.axis, kwargs.get('mask'))
+      total = _pool_into(_recorded(self), self, x, kwargs.get('mask'))
       for name, value in zip(_RECORDED, total):
         getattr(self, name)[...] = value
     return super(recording, self).__call__(x, *args, **kwargs)
@@ -271,7 +280,11 @@ def precise_bn_linen(module, variables, batches: Iterable, *,
   running statistics, as in training. The variance is biased unless the
   layer keeps ``running_var='unbiased'``. Layers that are not called, or
   only with running averages, and features that see no valid entry keep
-  their statistics; so do step counts.
+  their statistics; so do step counts. A batch norm with an ``axis_name``
+  pools what it records over that mapped axis (within its
+  ``axis_index_groups``), as in training: called inside the model's own
+  mapped transform (e.g. ``nn.vmap(..., axis_name=...)`` over a split
+  batch) it records the statistics of the whole batch.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn
@@ -303,7 +316,7 @@ def precise_bn_linen(module, variables, batches: Iterable, *,
     mod, path = context.module, tuple(context.module.path)
     if context.method_name == '__call__' and path in paths and _training(mod, args[1:], kwargs):
       recorded = Moments(*(mod.get_variable('batch_stats', name) for name in _RECORDED))
-      total = _pool_into(recorded, args[0], getattr(mod, 'axis', -1), kwargs.get('mask'))
+      total = _pool_into(recorded, mod, args[0], kwargs.get('mask'))
       for name, value in zip(_RECORDED, total):
         mod.put_variable('batch_stats', name, value)
       running_vars[path] = getattr(mod, 'running_var', 'biased')
@@ -336,10 +349,13 @@ def precise_bn_linen(module, variables, batches: Iterable, *,
   return {**variables, 'batch_stats': _set_at(stats, paths, write)}
 
 
-def _input_moments(x, axis, mask) -> Moments:
-  """A batch norm's input moments, with ``x`` and ``mask`` taken as the
-  layers take them: integer inputs as float32, 0/1 masks as booleans."""
-  return moments(floating_input(x), axis=axis, mask=bool_mask(mask))
+def _input_moments(bn, x, mask) -> Moments:
+  """Batch norm ``bn``'s input moments, with ``x`` and ``mask`` taken as the
+  layers take them (integer inputs as float32, 0/1 masks as booleans) and
+  pooled over its ``axis_name`` and ``axis_index_groups`` as in training."""
+  return moments(floating_input(x), axis=getattr(bn, 'axis', -1), mask=bool_mask(mask),
+                 axis_name=getattr(bn, 'axis_name', None),
+                 axis_index_groups=getattr(bn, 'axis_index_groups', None))
 
 
 def _training(mod, args_after_x, kwargs) -> bool:

@@ -486,10 +486,12 @@ def _batch_stats_call(mdl, x, use_running_average, mask, train, *, with_count):
         'returned updates), use jaxbn.linen.apply_train, or set '
         'use_running_average=True for evaluation.')
   _flax_common.check_batch(x.shape, axes, mask=mask, axis_name=mdl.axis_name, layer=name)
+  # Updated in the dtypes they are stored in, so a narrow param_dtype does
+  # not round the first update.
+  state = state._replace(mean=_for_update(mdl, state.mean, x), var=_for_update(mdl, state.var, x))
   y, new = train(x, state, scale, bias, axes=axes, out_dtype=out_dtype, sync=True)
-  # Store with the dtypes Flax would produce (float32 stats by default).
-  ra_mean.value = new.mean.astype(_stored_dtype(mdl, ra_mean.value, new.mean, x))
-  ra_var.value = new.var.astype(_stored_dtype(mdl, ra_var.value, new.var, x))
+  ra_mean.value = new.mean
+  ra_var.value = new.var
   if ra_count is not None:
     ra_count.value = new.count
   return y
@@ -516,14 +518,19 @@ def _sync_kwargs(mdl, sync):
   return dict(axis_name=mdl.axis_name, axis_index_groups=mdl.axis_index_groups)
 
 
-def _stored_dtype(mdl, old, new, x):
-  if not mdl.force_float32_reductions:
-    # Flax keeps these statistics in the input's (or `dtype`'s) precision.
-    kind = jnp.dtype(mdl.dtype or x.dtype)
-    if not jnp.issubdtype(new.dtype, jnp.complexfloating):
-      kind = jnp.finfo(kind).dtype
-    return jnp.result_type(old.dtype, kind)
-  return new.dtype
+def _for_update(mdl, stat, x):
+  """A running statistic in the dtype its updates are stored in: Flax's.
+
+  That is float32 by default. With ``force_float32_reductions=False`` Flax
+  stores ``param_dtype`` values updated with batch statistics in the input's
+  (or ``dtype``'s) precision, so the wider of the two; a complex batch mean
+  makes the mean complex (``update_state`` does that). Flax rounds
+  ``momentum * old`` to ``param_dtype`` first; here the whole update runs in
+  the wider dtype.
+  """
+  if mdl.force_float32_reductions:
+    return stat
+  return stat.astype(jnp.result_type(stat.dtype, jnp.finfo(mdl.dtype or x.dtype).dtype))
 
 
 def _affine_params(mdl, x, shape):

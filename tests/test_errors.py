@@ -61,6 +61,32 @@ def test_bad_input(call, error, message):
     call()
 
 
+def test_transposed_params_of_several_feature_axes_are_refused():
+  # (4, 3) has the size of features (3, 4); reshaped, its values would land
+  # on the wrong features.
+  import jaxbn.nnx
+  from flax import nnx
+  x = np.ones((5, 3, 4), np.float32)
+  wrong = jnp.ones((4, 3))
+  msg = r'has shape \(4, 3\) .* feature shape \(3, 4\); .* of shape \(3, 4\) or \(12,\)'
+  state = jaxbn.init_state((3, 4))
+  for call in (
+      lambda: jaxbn.batch_norm(x, state, wrong, training=True, axis=(-2, -1)),
+      lambda: jaxbn.batch_norm(x, state, None, wrong, training=False, axis=(-2, -1)),
+      lambda: jaxbn.batch_renorm(x, state, wrong, training=True, axis=(-2, -1)),
+      lambda: jaxbn.normalize(x, state.mean, state.var, wrong, axis=(-2, -1)),
+      lambda: jaxbn.layer_norm(x, wrong, reduction_axes=(-2, -1), feature_axes=(-2, -1))):
+    with pytest.raises(ValueError, match=msg):
+      call()
+  layer = jaxbn.nnx.BatchNorm(12, axis=(-2, -1), rngs=nnx.Rngs(0))
+  layer.scale = nnx.Param(wrong)
+  with pytest.raises(ValueError, match=msg):
+    layer(x)
+  # The layouts that do match: the feature shape, flat (NNX), size-1 axes.
+  for scale in (jnp.ones((3, 4)), jnp.ones(12), jnp.ones((1, 3, 4))):
+    jaxbn.batch_norm(x, state, scale, training=True, axis=(-2, -1))
+
+
 def test_errors_raise_at_trace_time_under_jit():
   with pytest.raises(ValueError, match='more than 1 value'):
     jax.jit(lambda x: bn(x))(np.ones((1, 3), np.float32))

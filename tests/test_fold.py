@@ -260,6 +260,27 @@ def test_a_one_axis_tuple_is_the_last_axis():
   assert_close(fold_batch_norm_nnx(model)(x), model(x))
 
 
+@pytest.mark.parametrize('bn', [nnx.BatchNorm, jnnx.BatchNorm])
+def test_positive_feature_axis_folds(bn):
+  # axis=3 on NHWC (axis=1 on (batch, features)) is the last axis: the
+  # layer's kernel fixes the rank of its output.
+  rngs = nnx.Rngs(0)
+  model = _randomize_batch_norms(nnx.Sequential(
+      nnx.Conv(3, 5, (3, 3), rngs=rngs), bn(5, axis=3, rngs=rngs), nnx.relu,
+      lambda x: x.mean(axis=(1, 2)),
+      nnx.Linear(5, 4, use_bias=False, rngs=rngs), bn(4, axis=1, rngs=rngs)))
+  x = jax.random.normal(jax.random.key(4), (2, 6, 6, 3))
+  model.eval()
+  folded = fold_batch_norm_nnx(model)
+  assert [type(m) for m in folded.layers].count(FoldedBatchNorm) == 2
+  assert_close(folded(x), model(x))
+  # An axis that is not the output features names the ones that would be.
+  other = nnx.Sequential(nnx.Conv(3, 5, (3, 3), rngs=rngs), bn(5, axis=2, rngs=rngs))
+  with pytest.raises(ValueError, match=r'axis=2, .* Conv .* axis=-1, or axis=3 for an output '
+                                       'with one batch axis'):
+    fold_batch_norm_nnx(other)
+
+
 def test_conv_transpose_folds():
   rngs = nnx.Rngs(0)
   model = _randomize_batch_norms(nnx.Sequential(

@@ -164,6 +164,31 @@ def test_dtypes_match_flax(dtype, param_dtype, x_dtype, force_float32_reductions
   assert got['jaxbn'] == got['flax']
 
 
+def test_narrow_param_dtype_statistics_update_in_the_stored_dtype():
+  # force_float32_reductions=False keeps the statistics in param_dtype
+  # (bfloat16) until the first update stores float32 ones (the input's
+  # precision), as in Flax. That update must not be rounded to bfloat16:
+  # Flax rounds only 0.9 * old (0.9 * 1 is 0.8984375 in bfloat16), jaxbn
+  # rounds nothing.
+  x = _data((64, 3), seed=3, offset=0.3)
+  xs = np.asarray(x, np.float64)
+  mean, var = 0.1 * xs.mean(0), 0.9 + 0.1 * xs.var(0)
+  err = {}
+  for k, cls in BN_CLASSES.items():
+    bn = cls(use_running_average=False, momentum=0.9, param_dtype=jnp.bfloat16,
+             force_float32_reductions=False)
+    variables = bn.init(jax.random.key(0), x)
+    assert variables['batch_stats']['var'].dtype == jnp.bfloat16
+    _, updates = bn.apply(variables, x, mutable=['batch_stats'])
+    stats = updates['batch_stats']
+    assert stats['mean'].dtype == stats['var'].dtype == jnp.float32
+    err[k] = np.abs(np.asarray(stats['var'], np.float64) - var)
+    if k == 'jaxbn':
+      np.testing.assert_allclose(stats['mean'], mean, rtol=1e-6, atol=1e-7)
+      np.testing.assert_allclose(stats['var'], var, rtol=1e-6)
+  assert np.all(err['jaxbn'] <= err['flax']) and np.max(err['flax']) > 1e-3
+
+
 @pytest.mark.parametrize('x_dtype', [jnp.uint8, jnp.int32, jnp.bool_])
 @pytest.mark.parametrize('name', ['BatchNorm', 'LayerNorm', 'GroupNorm', 'InstanceNorm'])
 def test_integer_input_matches_flax(name, x_dtype):

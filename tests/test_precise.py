@@ -541,3 +541,23 @@ class LinenMaskedBN(nn.Module):
     from jaxbn.linen import BatchNorm
     x, mask = batch
     return BatchNorm(use_running_average=not train)(x, mask=mask)
+
+
+def test_linen_layers_pool_over_their_axis_name_like_training():
+  # A batch norm inside the model's nn.vmap over a split batch syncs over
+  # 'batch' in training; what precise BN records is pooled the same way.
+  import jaxbn.linen
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      bn = nn.vmap(jaxbn.linen.BatchNorm, variable_axes={'params': None, 'batch_stats': None},
+                   split_rngs={'params': False}, axis_name='batch')
+      return bn(use_running_average=False, axis_name='batch')(x)
+
+  xs = [np.reshape(x, (4, 8, 3)) for x in _batches(3, seed=22)]
+  variables = Net().init(jax.random.key(0), xs[0])
+  new = precise_bn_linen(Net(), variables, xs)
+  mean, var = np_pooled([x.reshape(-1, 3) for x in xs])
+  np.testing.assert_allclose(new['batch_stats']['VmapBatchNorm_0']['mean'], mean, **F32_TOL)
+  np.testing.assert_allclose(new['batch_stats']['VmapBatchNorm_0']['var'], var, **F32_TOL)

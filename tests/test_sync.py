@@ -112,6 +112,47 @@ def test_axis_index_groups_of_unequal_sizes():
       np.testing.assert_allclose(state.mean[d], 0.1 * mean, **TOL)
       np.testing.assert_allclose(state.var[d], 0.9 + 0.1 * var * n / (n - 1), **TOL)
 
+def test_unequal_groups_of_a_tuple_axis_under_shard_map():
+  # shard_map takes axis_index_groups in no psum (JAX raises a bare
+  # NotImplementedError): each group's statistics must still be its own, for
+  # the moments and for ghost batch norm's average of chunk statistics.
+  x, mask = _batch(seed=5)
+  groups = [[1, 5], [0, 2, 3, 4, 6, 7]]  # linear indices over ('a', 'b')
+  mesh = Mesh(np.array(jax.devices()[:NDEV]).reshape(2, 4), ('a', 'b'))
+  spec = P(('a', 'b'))
+
+  def per_device(x, m):
+    y, state = _step(x[0], m[0], axis_name=('a', 'b'), axis_index_groups=groups)
+    _, ghost = jaxbn.batch_norm(x[0], jaxbn.init_state(5), training=True, momentum=0.0,
+                                axis_name=('a', 'b'), axis_index_groups=groups,
+                                virtual_batch_size=3)
+    return y[None], state.mean[None], state.var[None], ghost.mean[None], ghost.var[None]
+
+  y, mean, var, ghost_mean, ghost_var = jax.jit(jax.shard_map(
+      per_device, mesh=mesh, in_specs=(spec, spec), out_specs=spec))(x, mask)
+  for group in groups:
+    vals = x[group].reshape(-1, x.shape[-1]).astype(np.float64)
+    valid = mask[group].reshape(-1, x.shape[-1])
+    m = np.array([v[k].mean() for v, k in zip(vals.T, valid.T)])
+    v = np.array([v[k].var() for v, k in zip(vals.T, valid.T)])
+    n = valid.sum(0)
+    y_ref = (x[group] - m) / np.sqrt(v + 1e-5)
+    np.testing.assert_allclose(np.asarray(y)[group][mask[group]], y_ref[mask[group]], **TOL)
+    chunks = x[group].reshape(-1, 3, x.shape[-1]).astype(np.float64)
+    for d in group:
+      np.testing.assert_allclose(mean[d], 0.1 * m, **TOL)
+      np.testing.assert_allclose(var[d], 0.9 + 0.1 * v * n / (n - 1), **TOL)
+      np.testing.assert_allclose(ghost_mean[d], chunks.mean(1).mean(0), **TOL)
+      np.testing.assert_allclose(ghost_var[d], chunks.var(1).mean(0), **TOL)
+
+
+def test_groups_that_miss_an_index_are_refused():
+  x, mask = _batch()
+  with pytest.raises(ValueError, match=r'split the indices 0 to 7 .* each index in one group'):
+    jax.pmap(lambda x, m: _step(x, m, axis_name='i', axis_index_groups=[[0, 1], [2, 3, 4]]),
+             axis_name='i')(x, mask)
+
+
 @pytest.mark.parametrize('axis_type', [AxisType.Auto, AxisType.Explicit])
 def test_jit_over_sharded_batch_needs_no_axis_name(axis_type):
   x, _ = _batch(seed=3)
@@ -178,3 +219,40 @@ def test_gradients_with_axis_name():
       return jnp.sum(jax.vmap(per_device, axis_name='i')(x, mask, w))
 
     check_grads(jax.jit(f), (x,), order=2, modes=('fwd', 'rev'))
+
+
+def test_precise_bn_pools_over_the_axis_name_like_training():
+  # Data-parallel precise BN: each device runs its shard of every batch; the
+  # layers pool what they record over 'data' as they pool in training, so
+  # the result is precise BN on the unsharded batches (float64 reference).
+  from jaxbn._precise import precise_bn_nnx
+  rng = np.random.default_rng(6)
+  xs = [(rng.standard_normal((32, 3)) * [2.0, 0.5, 1.0] + [3.0, -2.0, 5.0]).astype(np.float32)
+        for _ in range(4)]
+  rngs = nnx.Rngs(0)
+  model = nnx.Sequential(
+      nnx.Linear(3, 6, rngs=rngs), jaxbn.nnx.BatchNorm(6, axis_name='data', rngs=rngs),
+      nnx.relu, nnx.Linear(6, 4, rngs=rngs), nnx.BatchNorm(4, axis_name='data', rngs=rngs))
+  model.layers[1].scale[...] = jnp.array([0.5, 1.0, 2.0, 1.5, 0.7, 1.2])
+  mesh = Mesh(np.array(jax.devices()[:NDEV]), ('data',))
+
+  def call(model, batch):
+    graphdef, state = nnx.split(model)
+
+    def per_device(state, x):
+      shard = nnx.merge(graphdef, state)
+      shard(x)
+      return nnx.state(shard)
+
+    nnx.update(model, jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P('data')),
+                                    out_specs=P(), check_vma=False)(state, batch))
+
+  precise_bn_nnx(model, xs, call=call)
+  f = lambda v: np.asarray(v[...], np.float64)
+  l1, bn1, _, l2, bn2 = model.layers
+  h1 = [x.astype(np.float64) @ f(l1.kernel) + f(l1.bias) for x in xs]
+  y1 = [(h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) * f(bn1.scale) + f(bn1.bias) for h in h1]
+  h2 = [np.maximum(y, 0) @ f(l2.kernel) + f(l2.bias) for y in y1]
+  for bn, h in ((bn1, np.concatenate(h1)), (bn2, np.concatenate(h2))):
+    np.testing.assert_allclose(bn.mean[...], h.mean(0), **TOL)
+    np.testing.assert_allclose(bn.var[...], h.var(0), **TOL)
