@@ -12,8 +12,9 @@ import gzip
 import hashlib
 import importlib.util
 import os
+import re
+import socket
 import struct
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -292,12 +293,41 @@ def download(dataset: str, data_dir: str | None, base_url: str | None = None, *,
     return folder
 
 
+def _partial_name(target: Path, pid: int) -> Path:
+    # The host too: a data folder shared over the network sees other hosts' pids.
+    return target.with_name(f".{target.name}.{socket.gethostname()}.{pid}.part")
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """Delete partial downloads of ``target`` left by killed processes of this host.
+
+    A kill cannot be caught, so its partial file stays; a process of this
+    host that still runs (another download into the same folder) keeps its own.
+    """
+    mine = re.compile(rf"^\.{re.escape(target.name)}\.{re.escape(socket.gethostname())}"
+                      rf"\.(\d+)\.part$")
+    for path in target.parent.iterdir():
+        match = mine.match(path.name)
+        if match and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's
+    return True
+
+
 def _fetch_verified(url: str, target: Path, md5: str, timeout: float) -> None:
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part",
-                                   dir=target.parent)
-        with os.fdopen(fd, "wb") as out:
+        _remove_stale_partials(target)
+        tmp = _partial_name(target, os.getpid())
+        with open(tmp, "wb") as out:
             digest = _stream(url, out, timeout)
             out.flush()
             os.fsync(out.fileno())

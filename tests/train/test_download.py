@@ -3,6 +3,8 @@
 import errno
 import os
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -47,6 +49,24 @@ def test_download_rejects_a_corrupt_mirror_and_leaves_no_file(tmp_path, server):
     assert not [n for n in leftovers if n.endswith(".part")]
 
 
+def test_download_removes_the_partial_files_of_killed_downloads(tmp_path, server):
+    # A SIGKILL cannot be caught: every killed download used to leave its
+    # randomly named partial file behind, one more per kill.
+    url, _, _ = server
+    folder = tmp_path / "data" / "mnist"
+    folder.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    name, host = "train-labels-idx1-ubyte.gz", socket.gethostname()
+    stale = folder / f".{name}.{host}.{dead.pid}.part"
+    live = folder / f".{name}.{host}.{os.getppid()}.part"  # a running download's
+    other_host = folder / f".{name}.elsewhere.{dead.pid}.part"  # on a shared folder
+    for path in (stale, live, other_host):
+        path.write_bytes(b"partial")
+    data.download("mnist", str(tmp_path / "data"), url, log=lambda m: None)
+    assert sorted(p.name for p in folder.glob(".*")) == sorted([live.name, other_host.name])
+
+
 def test_download_reports_http_errors(tmp_path, server):
     url, _, _ = server
     with pytest.raises(DataError, match="HTTP 404"):
@@ -64,8 +84,8 @@ def test_download_reports_unreachable_hosts(tmp_path):
 class _FullDisk:
     """A file opened for writing on a full disk: every write fails."""
 
-    def __init__(self, fd, mode):
-        os.close(fd)
+    def __init__(self, path, mode):
+        open(path, mode).close()
 
     def __enter__(self):
         return self
@@ -82,7 +102,7 @@ def test_download_into_a_folder_it_cannot_write_names_the_folder(tmp_path, monke
     def read_only(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(data.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(data, "open", read_only, raising=False)  # the module's, not builtins
     folder = tmp_path / "d" / "mnist"
     with pytest.raises(DataError) as info:
         data.download("mnist", str(tmp_path / "d"), "http://127.0.0.1:9/", log=lambda m: None)
@@ -94,7 +114,7 @@ def test_download_into_a_folder_it_cannot_write_names_the_folder(tmp_path, monke
 def test_a_full_disk_during_download_is_not_blamed_on_the_network(tmp_path, server,
                                                                   monkeypatch):
     url, _, _ = server
-    monkeypatch.setattr(data.os, "fdopen", _FullDisk)
+    monkeypatch.setattr(data, "open", _FullDisk, raising=False)
     folder = tmp_path / "d" / "mnist"
     with pytest.raises(DataError) as info:
         data.download("mnist", str(tmp_path / "d"), url, log=lambda m: None)
