@@ -232,7 +232,8 @@ def batch_norm(
       ``vmap(axis_name=...)``) whose devices share statistics, pooled
       exactly and count-weighted. Not needed under ``jax.jit`` with a sharded
       batch: there the statistics are global already.
-    axis_index_groups: sub-groups of ``axis_name`` that sync separately.
+    axis_index_groups: sub-groups of ``axis_name`` that sync separately
+      (``shard_map``, ``pmap``; JAX's ``vmap`` does not support them).
     mask: boolean, broadcastable to ``x``; ``False`` entries take no part in
       the statistics and may hold NaN or Inf. They are still normalized in
       ``y`` (like Flax), so keep them out of your loss.
