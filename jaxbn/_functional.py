@@ -234,7 +234,8 @@ def batch_norm(
       exactly and count-weighted. Not needed under ``jax.jit`` with a sharded
       batch: there the statistics are global already.
     axis_index_groups: sub-groups of ``axis_name`` that sync separately
-      (sizes may differ, under ``shard_map`` too; every index in one group).
+      (sizes may differ; every index in one group). Under ``shard_map`` and
+      ``pmap``; JAX's ``vmap`` does not support them.
     mask: boolean, broadcastable to ``x``; ``False`` entries take no part in
       the statistics and may hold NaN or Inf. They are still normalized in
       ``y`` (like Flax), so keep them out of your loss.
