@@ -26,9 +26,8 @@ that first mean. Narrow inputs (bfloat16, float16) are widened inside each
 reduction, never as a stored copy (see :func:`separate_reads`).
 
 Cross-device. Each device reduces its own ``(n_i, mean_i, M2_i)``; a single
-``all_gather`` of that small per-feature triple (over the whole axis, other
-groups' entries zeroed, for ``axis_index_groups`` of unequal sizes) lets
-every device combine
+collective gathering that small per-feature triple from every device (see
+:func:`_gather`) lets every device combine
 them with Chan et al.'s pairwise formula
 ``M2 = sum(M2_i + n_i * (mean_i - mean)^2)``, which is exact and
 count-weighted: devices holding different numbers of valid entries combine
@@ -280,14 +279,19 @@ def _pool_across(local: Moments, axis_name, axis_index_groups) -> Moments:
 def _gather(local, axis_name, axis_index_groups):
   """``local`` of every device of this device's group, stacked on a new axis 0.
 
-  ``all_gather`` only takes groups of one size. For groups of different
-  sizes every device's ``local`` is gathered, and those of the other
-  groups' devices are zeros (a count of 0, which pools as nothing). A
-  ``psum`` of one-hot slots within the groups would gather the same, but
-  ``shard_map`` takes no ``axis_index_groups`` in a ``psum``.
+  Without groups, a ``psum`` of one-hot slots (each device writes its own):
+  unlike ``all_gather``'s, its result is typed as equal on every device,
+  so ``shard_map`` with its default ``check_vma`` can return the pooled
+  statistics as replicated (``out_specs=P()``), as with Flax's ``pmean``.
+  ``shard_map`` takes no ``axis_index_groups`` in a ``psum``, and
+  ``all_gather`` only groups of one size: for groups of different sizes
+  every device's ``local`` is gathered, and those of the other groups'
+  devices are zeros (a count of 0, which pools as nothing).
   """
-  sizes = {len(g) for g in axis_index_groups or ()}
-  if len(sizes) <= 1:
+  if axis_index_groups is None:
+    slots = jnp.zeros((lax.psum(1, axis_name),) + local.shape, local.dtype)
+    return lax.psum(slots.at[lax.axis_index(axis_name)].set(local), axis_name)
+  if len({len(g) for g in axis_index_groups}) == 1:
     return lax.all_gather(local, axis_name, axis_index_groups=axis_index_groups)
   everyone = lax.all_gather(local, axis_name)
   group_of = jnp.asarray(_group_ids(axis_index_groups, everyone.shape[0], axis_name))

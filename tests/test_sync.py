@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen
 import pytest
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -189,6 +190,43 @@ def test_flax_modules_over_sharded_batch(axis_type):
   variables = module.init(jax.random.key(0), flat)
   y, _ = jax.jit(lambda v, x: module.apply(v, x, mutable=['batch_stats']))(variables, sharded)
   np.testing.assert_allclose(y, ref_y, **TOL)
+
+
+def test_shard_map_returns_the_statistics_as_replicated_with_its_check_on():
+  # With shard_map's default check_vma, out_specs=P() needs values typed as
+  # equal on every device. Flax's pmean gives that; an all_gather did not,
+  # so the drop-in layer failed where Flax's ran ("out_specs ... require
+  # replication which can't be statically inferred").
+  x, mask = _batch(seed=5)
+  mesh = Mesh(np.array(jax.devices()[:NDEV]), ('data',))
+  step = jax.shard_map(lambda x, m: _step(x[0], m[0], axis_name='data'), mesh=mesh,
+                       in_specs=(P('data'), P('data')), out_specs=(P('data'), P()))
+  y, state = jax.jit(step)(x, mask)
+  y_ref, ref = _global_reference(x, mask)
+  np.testing.assert_allclose(np.asarray(y).reshape(x.shape)[mask], y_ref[mask], **TOL)
+  np.testing.assert_allclose(state.mean, ref.mean, **TOL)
+  np.testing.assert_allclose(state.var, ref.var, **TOL)
+
+  # Its derivative: with the check on, JAX transposes the collective itself.
+  w = np.random.default_rng(6).standard_normal(x.shape).astype(np.float32)
+
+  def loss(step, x):
+    y, state = step(x, mask)
+    return jnp.sum(jnp.where(mask, y.reshape(x.shape), 0) * w) + jnp.sum(state.var)
+
+  np.testing.assert_allclose(jax.grad(loss, argnums=1)(jax.jit(step), x),
+                             jax.grad(loss, argnums=1)(lambda x, m: _global_reference(x, m), x),
+                             **TOL)
+
+  flat = x.reshape(-1, x.shape[-1])
+  sharded = jax.device_put(flat, NamedSharding(mesh, P('data')))
+  for cls in (flax.linen.BatchNorm, jaxbn.linen.BatchNorm):
+    module = cls(use_running_average=False, axis_name='data', momentum=0.9)
+    variables = module.init(jax.random.key(0), flat)
+    apply = jax.shard_map(lambda v, x: module.apply(v, x, mutable=['batch_stats']), mesh=mesh,
+                          in_specs=(P(), P('data')), out_specs=(P('data'), P()))
+    _, updates = jax.jit(apply)(variables, sharded)
+    np.testing.assert_allclose(updates['batch_stats']['mean'], 0.1 * flat.mean(0), **TOL)
 
 
 def test_one_collective_per_call():

@@ -272,9 +272,8 @@ def jit_steps(train_step, eval_step, mesh: Mesh | None):
                 jax.jit(eval_step, compiler_options=options))
     rep = NamedSharding(mesh, P())
     data = NamedSharding(mesh, P(DATA_AXIS))
-    # check_vma=False: the pooled statistics and averaged gradients are equal
-    # on every device, which the replication checker cannot see through
-    # all_gather.
+    # check_vma=False: the step averages its gradients itself (pmean, as
+    # under pmap); with the check on, JAX would already sum them over devices.
     per_device = jax.shard_map(train_step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
                                out_specs=(P(), P()), check_vma=False)
     train = jax.jit(per_device, in_shardings=(rep, data), out_shardings=(rep, rep),

@@ -77,12 +77,14 @@ def test_bn_groups_match_ghost_batches(tmp_path):
 def test_one_example_per_device_trains_when_batch_norm_pools_the_devices(tmp_path):
     # Synced statistics pool the devices' examples: 4 devices of one example
     # each normalize like one device with a batch of 4.
-    # (Batches this small amplify rounding: the states agree to a few 1e-3.)
+    # (Batches this small amplify rounding: the states agree to a few 1e-3,
+    # the test losses to a few 1e-5, as the devices sum gradients in another
+    # order than one device.)
     small = dict(model="mlp", batch_size=4, limit_train=16)
     _, one = _run(tmp_path, "one", **small)
     code, four = _run(tmp_path, "four", devices=4, **small)
     assert code == 0
-    np.testing.assert_allclose(four["test_loss"], one["test_loss"], rtol=1e-5)
+    np.testing.assert_allclose(four["test_loss"], one["test_loss"], rtol=1e-4)
     with pytest.raises(ConfigError) as info:
         resolve(Config(devices=4, bn_group_size=1, **small))
     assert str(info.value) == (
@@ -100,7 +102,7 @@ def test_norm_options_groups():
     assert loop.norm_options(resolve(Config())).axis_name is None
 
 
-def _sharded_train_step_hlo(norm: str) -> tuple[str, str]:
+def _sharded_train_step_hlo(norm: str) -> str:
     cfg = resolve(Config(devices=8, batch_size=64, norm=norm, virtual_batch_size=4))
     model = models.build_model("cnn", (8, 8, 1), norm=norm, seed=0, opts=loop.norm_options(cfg))
     graphdefs, params, model_state = steps.split_model(model)
@@ -108,8 +110,7 @@ def _sharded_train_step_hlo(norm: str) -> tuple[str, str]:
     init, train_step, _ = loop.compiled_steps(graphdefs, "adam", "cosine", 1e-3, 0.0, 10, mesh)
     state = steps.place_state(init(params, model_state, np.uint32(0)), mesh)
     batch = steps.place_batch((np.zeros((64, 8, 8, 1), np.float32), np.zeros(64, np.int32)), mesh)
-    lowered = train_step.lower(state, batch)
-    return lowered.as_text(), lowered.compile().as_text()
+    return train_step.lower(state, batch).compile().as_text()
 
 
 def _count(pattern: str, text: str) -> int:
@@ -118,17 +119,13 @@ def _count(pattern: str, text: str) -> int:
 
 def test_sharded_step_communicates_once_per_batch_norm():
     # The CNN has 3 batch norms. Each pools (count, mean, M2) with one
-    # all-gather forward (its transpose, one reduce-scatter, backward); all
+    # all-reduce forward and its transpose, one more, backward; all
     # gradients and metrics share one all-reduce after XLA's combiner.
-    lowered, compiled = _sharded_train_step_hlo("batch")
-    assert _count(r"stablehlo\.all_gather", lowered) == 3
-    assert _count(r"stablehlo\.reduce_scatter", lowered) == 3
-    assert _count(r" all-gather(-start)?\(", compiled) == 3
-    assert _count(r" reduce-scatter(-start)?\(", compiled) == 3
-    assert _count(r" all-reduce(-start)?\(", compiled) == 1
+    compiled = _sharded_train_step_hlo("batch")
+    assert _count(r" all-reduce(-start)?\(", compiled) == 3 + 3 + 1
+    assert _count(r" (all-gather|reduce-scatter|all-to-all)(-start)?\(", compiled) == 0
     # Layer norm has no batch statistics: only the gradient all-reduce is left.
-    lowered, compiled = _sharded_train_step_hlo("layer")
-    assert _count(r"stablehlo\.all_gather", lowered) == 0
+    compiled = _sharded_train_step_hlo("layer")
     assert _count(r" all-reduce(-start)?\(", compiled) == 1
 
 
