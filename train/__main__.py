@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from train.allocator import tune_malloc
 from train.config import (Config, ConfigError, check_out_dir, check_typed_options, explicit_args,
@@ -24,6 +26,19 @@ def _fail(message: str, code: int) -> int:
 
 def _interrupted(signum: int) -> int:
     return _fail(INTERRUPTED, 130 if signum == signal.SIGINT else 128 + signum)
+
+
+def _stdout_closed(cfg: Config) -> int:
+    """Stop as SIGPIPE would (``python -m train | head``), with a line saying how to go on."""
+    # Every later write, and the flush at exit, would fail again.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    from train.loop import finished_summary
+    if finished_summary(Path(cfg.out)) is not None:
+        return _fail(f"stdout was closed (the reader of its pipe ended) after the run finished; "
+                     f"its results are in {cfg.out}", 128 + signal.SIGPIPE)
+    return _fail(f"stdout was closed (the reader of its pipe ended), so the run stopped; "
+                 f"continue it with: python -m train --out {cfg.out} --resume",
+                 128 + signal.SIGPIPE)
 
 
 def main(argv=None) -> int:
@@ -69,6 +84,8 @@ def _main(argv, stop: StopFlag) -> int:
             return code
         except Interrupted as e:
             return _interrupted(e.signum)
+        except BrokenPipeError:
+            return _stdout_closed(cfg)
         except ConfigError as e:
             return _fail(str(e), 2)
         except (DataError, loop.RunError, CheckpointError) as e:

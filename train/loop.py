@@ -555,6 +555,8 @@ def run(cfg: Config, *, stdout: TextIO | None = None, interrupt_at_step: int | N
         # checkpoint still resumes as itself.
         write_json_atomic(out / RUN_CONFIG, cfg.to_dict())
         return train()
+    except BrokenPipeError:
+        raise  # stdout's reader ended: not the folder's fault
     except OSError as e:
         # A full disk or quota: the last complete checkpoint is intact. The
         # settings may not be saved yet, so the hint keeps the command line.

@@ -241,6 +241,40 @@ def test_sigint_saves_a_checkpoint_and_resume_matches(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_closed_stdout_stops_the_run_with_one_line_and_it_resumes(tmp_path):
+    # `python -m train | head -1`: the pipe's reader ends. This used to be
+    # blamed on the folder ("cannot write into --out ...: Broken pipe; make
+    # room there"), also after the run had finished.
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "train", "--model", "mlp", "--limit-train",
+                             "640", "--batch-size", "32", "--epochs", "2", "--out", str(out)],
+                            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()
+        proc.stdout.close()
+        stderr = proc.stderr.read()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGPIPE
+    assert stderr == (f"python -m train: error: stdout was closed (the reader of its pipe "
+                      f"ended), so the run stopped; continue it with: python -m train --out "
+                      f"{out} --resume\n")
+    resumed = run_cli("--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+    # The finished run's report, into a pipe nobody reads.
+    proc = subprocess.Popen([sys.executable, "-m", "train", "--out", str(out), "--resume"],
+                            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGPIPE
+    assert stderr == (f"python -m train: error: stdout was closed (the reader of its pipe "
+                      f"ended) after the run finished; its results are in {out}\n")
+
+
 @pytest.mark.slow
 def test_default_run_reaches_97_percent(tmp_path):
     start = time.monotonic()
