@@ -102,16 +102,22 @@ def test_axis_index_groups_of_unequal_sizes():
   y, state = jax.pmap(lambda x, m: _step(x, m, axis_name='i', axis_index_groups=groups),
                       axis_name='i')(x, mask)
   for group in groups:
-    vals = x[group].reshape(-1, x.shape[-1]).astype(np.float64)
-    valid = mask[group].reshape(-1, x.shape[-1])
-    mean = np.array([v[m].mean() for v, m in zip(vals.T, valid.T)])
-    var = np.array([v[m].var() for v, m in zip(vals.T, valid.T)])
-    n = valid.sum(0)
+    mean, var, n = _group_moments(x, mask, group)
     y_ref = (x[group] - mean) / np.sqrt(var + 1e-5)
     np.testing.assert_allclose(np.asarray(y)[group][mask[group]], y_ref[mask[group]], **TOL)
     for d in group:
       np.testing.assert_allclose(state.mean[d], 0.1 * mean, **TOL)
       np.testing.assert_allclose(state.var[d], 0.9 + 0.1 * var * n / (n - 1), **TOL)
+
+
+def _group_moments(x, mask, group):
+  """float64 mean, biased variance and count of the valid entries of ``group``'s devices."""
+  vals = x[group].reshape(-1, x.shape[-1]).astype(np.float64)
+  valid = mask[group].reshape(-1, x.shape[-1])
+  mean = np.array([v[m].mean() for v, m in zip(vals.T, valid.T)])
+  var = np.array([v[m].var() for v, m in zip(vals.T, valid.T)])
+  return mean, var, valid.sum(0)
+
 
 def test_unequal_groups_of_a_tuple_axis_under_shard_map():
   # shard_map takes axis_index_groups in no psum (JAX raises a bare
@@ -132,11 +138,7 @@ def test_unequal_groups_of_a_tuple_axis_under_shard_map():
   y, mean, var, ghost_mean, ghost_var = jax.jit(jax.shard_map(
       per_device, mesh=mesh, in_specs=(spec, spec), out_specs=spec))(x, mask)
   for group in groups:
-    vals = x[group].reshape(-1, x.shape[-1]).astype(np.float64)
-    valid = mask[group].reshape(-1, x.shape[-1])
-    m = np.array([v[k].mean() for v, k in zip(vals.T, valid.T)])
-    v = np.array([v[k].var() for v, k in zip(vals.T, valid.T)])
-    n = valid.sum(0)
+    m, v, n = _group_moments(x, mask, group)
     y_ref = (x[group] - m) / np.sqrt(v + 1e-5)
     np.testing.assert_allclose(np.asarray(y)[group][mask[group]], y_ref[mask[group]], **TOL)
     chunks = x[group].reshape(-1, 3, x.shape[-1]).astype(np.float64)
