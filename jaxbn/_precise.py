@@ -261,15 +261,18 @@ def _nnx_batch_norms(model, nnx):
 
 
 def precise_bn_linen(module, variables, batches: Iterable, *,
-                     num_batches: int | None = None, **apply_kwargs):
+                     num_batches: int | None = None, call: Callable | None = None,
+                     **apply_kwargs):
   """Returns ``variables`` with precise ``batch_stats`` for a Linen model.
 
-  Runs ``module.apply(variables, batch, mutable=['batch_stats'],
-  **apply_kwargs)`` (jitted) over ``num_batches`` batches; pass what puts the
-  batch norms in training mode, e.g. ``train=True``. Each batch is the first
-  positional argument: map ``(x, y)`` pairs to inputs first, e.g.
-  ``(x for x, _ in loader)``. Batches may differ in size: every sample
-  counts once.
+  Runs ``apply(variables, batch)``, i.e. ``module.apply(variables, batch,
+  mutable=['batch_stats'], **apply_kwargs)``, jitted, over ``num_batches``
+  batches; pass what puts the batch norms in training mode, e.g.
+  ``train=True``. ``call(apply, variables, batch)``, if given, runs it
+  instead and returns what ``apply`` returns (e.g. ``apply`` under
+  ``shard_map``). Each batch is the first positional argument: map
+  ``(x, y)`` pairs to inputs first, e.g. ``(x for x, _ in loader)``.
+  Batches may differ in size: every sample counts once.
 
   Every batch norm (a module with ``mean`` and ``var`` in ``batch_stats``:
   ``flax.linen.BatchNorm``, ``jaxbn.linen.BatchNorm``, ``BatchRenorm``)
@@ -282,9 +285,10 @@ def precise_bn_linen(module, variables, batches: Iterable, *,
   only with running averages, and features that see no valid entry keep
   their statistics; so do step counts. A batch norm with an ``axis_name``
   pools what it records over that mapped axis (within its
-  ``axis_index_groups``), as in training: called inside the model's own
-  mapped transform (e.g. ``nn.vmap(..., axis_name=...)`` over a split
-  batch) it records the statistics of the whole batch.
+  ``axis_index_groups``), as in training: run inside that axis, through
+  ``call`` (``shard_map``, ``pmap``) or the model's own mapped transform
+  (``nn.vmap(..., axis_name=...)``), over a split batch, it records the
+  statistics of the whole batch.
 
   Example:
     >>> import jax, jax.numpy as jnp, jaxbn
@@ -322,10 +326,13 @@ def precise_bn_linen(module, variables, batches: Iterable, *,
       running_vars[path] = getattr(mod, 'running_var', 'biased')
     return next_fun(*args, **kwargs)
 
+  def apply(variables, batch):
+    return module.apply(variables, batch, mutable=['batch_stats'], **apply_kwargs)
+
   @jax.jit
   def batch_stats(variables, batch):
     with nn.intercept_methods(capture):
-      _, state = module.apply(variables, batch, mutable=['batch_stats'], **apply_kwargs)
+      _, state = apply(variables, batch) if call is None else call(apply, variables, batch)
     return {path: Moments(*(_get_at(state['batch_stats'], path)[name] for name in _RECORDED))
             for path in paths}
 

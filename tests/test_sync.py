@@ -296,3 +296,37 @@ def test_precise_bn_pools_over_the_axis_name_like_training():
   for bn, h in ((bn1, np.concatenate(h1)), (bn2, np.concatenate(h2))):
     np.testing.assert_allclose(bn.mean[...], h.mean(0), **TOL)
     np.testing.assert_allclose(bn.var[...], h.var(0), **TOL)
+
+
+def test_precise_bn_linen_runs_through_call_under_shard_map():
+  # The Linen form of the test above: apply under shard_map through call=,
+  # with shard_map's replication check on (the statistics come out typed
+  # as equal on every device).
+  rng = np.random.default_rng(7)
+  xs = [(rng.standard_normal((32, 3)) * [2.0, 0.5, 1.0] + [3.0, -2.0, 5.0]).astype(np.float32)
+        for _ in range(4)]
+
+  class Net(flax.linen.Module):
+    @flax.linen.compact
+    def __call__(self, x, train=False):
+      h = flax.linen.Dense(6)(x)
+      h = jaxbn.linen.BatchNorm(use_running_average=not train, axis_name='data')(h)
+      h = flax.linen.Dense(4)(flax.linen.relu(h))
+      return flax.linen.BatchNorm(use_running_average=not train, axis_name='data')(h)
+
+  net = Net()
+  variables = net.init(jax.random.key(0), xs[0])
+  mesh = Mesh(np.array(jax.devices()[:NDEV]), ('data',))
+  call = lambda apply, v, x: jax.shard_map(apply, mesh=mesh, in_specs=(P(), P('data')),
+                                           out_specs=(P('data'), P()))(v, x)
+  new = jaxbn.precise_bn_linen(net, variables, xs, call=call, train=True)
+  f = lambda v: np.asarray(v, np.float64)
+  params, stats = variables['params'], new['batch_stats']
+  h1 = [x.astype(np.float64) @ f(params['Dense_0']['kernel']) + f(params['Dense_0']['bias'])
+        for x in xs]
+  y1 = [(h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) for h in h1]
+  h2 = [np.maximum(y, 0) @ f(params['Dense_1']['kernel']) + f(params['Dense_1']['bias'])
+        for y in y1]
+  for name, h in (('BatchNorm_0', np.concatenate(h1)), ('BatchNorm_1', np.concatenate(h2))):
+    np.testing.assert_allclose(stats[name]['mean'], h.mean(0), **TOL)
+    np.testing.assert_allclose(stats[name]['var'], h.var(0), **TOL)
