@@ -25,13 +25,13 @@ algorithm, whose ``sum(x - c)`` term also cancels the rounding error of
 that first mean. Narrow inputs (bfloat16, float16) are widened inside each
 reduction, never as a stored copy (see :func:`separate_reads`).
 
-Cross-device. Each device reduces its own ``(n_i, mean_i, M2_i)``; a single
-collective gathering that small per-feature triple from every device (see
-:func:`_gather`) lets every device combine
-them with Chan et al.'s pairwise formula
+Cross-device. Each device reduces its own ``(n_i, mean_i, M2_i)``, and
+they combine with Chan et al.'s pairwise formula
 ``M2 = sum(M2_i + n_i * (mean_i - mean)^2)``, which is exact and
 count-weighted: devices holding different numbers of valid entries combine
-to the global statistics (a ``pmean`` of per-device means does not).
+to the global statistics (a ``pmean`` of per-device means does not). Two
+per-feature ``psum`` calls compute it: ``n`` and ``sum(n_i * mean_i)``, then the
+``M2`` sum about the global mean (see :func:`_pool_across`).
 """
 
 from __future__ import annotations
@@ -266,7 +266,21 @@ def pool_moments(stacked: Moments, axis: int = 0) -> Moments:
 
 
 def _pool_across(local: Moments, axis_name, axis_index_groups) -> Moments:
-  """Global moments over a mapped axis with one collective."""
+  """Global moments over a mapped axis: Chan's formula, pooled by all devices.
+
+  Without groups, two ``psum`` calls on per-feature values: their size does not
+  grow with the number of devices, and their results are typed as equal on
+  every device, so ``shard_map`` with its default ``check_vma`` can return
+  the statistics as replicated (``out_specs=P()``), as with Flax's ``pmean``.
+  ``shard_map`` takes no ``axis_index_groups`` in a ``psum``: groups gather
+  every device's triple instead (:func:`_gather`) and pool it locally.
+  """
+  if axis_index_groups is None:
+    count, weighted_mean = lax.psum((local.count, local.count * local.mean), axis_name)
+    safe = jnp.maximum(count, 1.0)
+    mean = weighted_mean / safe
+    m2 = lax.psum(local.count * (local.var + _abs2(local.mean - mean)), axis_name)
+    return Moments(mean=mean, var=m2 / safe, count=count)
   is_complex = jnp.iscomplexobj(local.mean)
   parts = [local.count, local.mean.real, local.var]
   if is_complex:
@@ -279,18 +293,10 @@ def _pool_across(local: Moments, axis_name, axis_index_groups) -> Moments:
 def _gather(local, axis_name, axis_index_groups):
   """``local`` of every device of this device's group, stacked on a new axis 0.
 
-  Without groups, a ``psum`` of one-hot slots (each device writes its own):
-  unlike ``all_gather``'s, its result is typed as equal on every device,
-  so ``shard_map`` with its default ``check_vma`` can return the pooled
-  statistics as replicated (``out_specs=P()``), as with Flax's ``pmean``.
-  ``shard_map`` takes no ``axis_index_groups`` in a ``psum``, and
-  ``all_gather`` only groups of one size: for groups of different sizes
-  every device's ``local`` is gathered, and those of the other groups'
-  devices are zeros (a count of 0, which pools as nothing).
+  ``all_gather`` only takes groups of one size. For groups of different
+  sizes every device's ``local`` is gathered, and those of the other
+  groups' devices are zeros (a count of 0, which pools as nothing).
   """
-  if axis_index_groups is None:
-    slots = jnp.zeros((lax.psum(1, axis_name),) + local.shape, local.dtype)
-    return lax.psum(slots.at[lax.axis_index(axis_name)].set(local), axis_name)
   if len({len(g) for g in axis_index_groups}) == 1:
     return lax.all_gather(local, axis_name, axis_index_groups=axis_index_groups)
   everyone = lax.all_gather(local, axis_name)

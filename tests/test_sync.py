@@ -1,6 +1,7 @@
 """Cross-device statistics on 8 simulated CPU devices (see conftest.py)."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -231,17 +232,23 @@ def test_shard_map_returns_the_statistics_as_replicated_with_its_check_on():
     np.testing.assert_allclose(updates['batch_stats']['mean'], 0.1 * flat.mean(0), **TOL)
 
 
-def test_one_collective_per_call():
+def test_two_per_feature_all_reduces_per_call():
+  # n and sum(n_i * mean_i), then M2 about the global mean: each all-reduce
+  # carries per-feature values only, whatever the number of devices.
   x, mask = _batch()
   mesh = Mesh(np.array(jax.devices()[:NDEV]), ('data',))
   f = jax.shard_map(lambda x, m: _step(x[0], m[0], axis_name='data'), mesh=mesh,
                     in_specs=(P('data'), P('data')), out_specs=(P('data'), P()),
                     check_vma=False)
   hlo = jax.jit(f).lower(x, mask).compile().as_text()
-  collectives = [op for op in ('all-gather', 'all-reduce', 'collective-permute')
-                 if f' {op}(' in hlo or f' {op}-start(' in hlo]
-  n = sum(hlo.count(f' {op}(') + hlo.count(f' {op}-start(') for op in collectives)
-  assert n == 1, collectives
+  collectives = [line for line in hlo.splitlines()
+                 if re.search(r' (all-gather|all-reduce|collective-permute|all-to-all)'
+                              r'(-start)?\(', line)]
+  assert len(collectives) == 2, collectives
+  features = x.shape[-1]
+  for line in collectives:
+    shapes = re.findall(r'f32\[([\d,]*)\]', line.split('=', 1)[1].split(' all-reduce')[0])
+    assert shapes and all(shape == str(features) for shape in shapes), line
 
 
 def test_gradients_with_axis_name():

@@ -263,8 +263,8 @@ def jit_steps(train_step, eval_step, mesh: Mesh | None):
 
     ``train_step`` must have been built with ``axis_name=DATA_AXIS``: it runs
     per device under ``shard_map``, where each batch norm pools its
-    statistics with one collective. Evaluation uses running statistics
-    only, so plain ``jit`` over the sharded batch suffices.
+    statistics with two per-feature all-reduces. Evaluation uses running
+    statistics only, so plain ``jit`` over the sharded batch suffices.
     """
     options = compiler_options((mesh.devices.flat[0] if mesh else jax.devices()[0]).platform)
     if mesh is None:

@@ -117,12 +117,12 @@ def _count(pattern: str, text: str) -> int:
     return len(re.findall(pattern, text))
 
 
-def test_sharded_step_communicates_once_per_batch_norm():
-    # The CNN has 3 batch norms. Each pools (count, mean, M2) with one
-    # all-reduce forward and its transpose, one more, backward; all
-    # gradients and metrics share one all-reduce after XLA's combiner.
+def test_sharded_step_communicates_twice_per_batch_norm():
+    # The CNN has 3 batch norms. Each pools (count, mean, M2) with two
+    # per-feature all-reduces forward and their transposes, two more,
+    # backward; all gradients and metrics share one after XLA's combiner.
     compiled = _sharded_train_step_hlo("batch")
-    assert _count(r" all-reduce(-start)?\(", compiled) == 3 + 3 + 1
+    assert _count(r" all-reduce(-start)?\(", compiled) == 3 * (2 + 2) + 1
     assert _count(r" (all-gather|reduce-scatter|all-to-all)(-start)?\(", compiled) == 0
     # Layer norm has no batch statistics: only the gradient all-reduce is left.
     compiled = _sharded_train_step_hlo("layer")
