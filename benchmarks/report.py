@@ -181,14 +181,14 @@ def write(directory: Path, meta: dict, sections: list[tuple[str, str]], results:
              "RESULTS.md": _markdown(meta, sections, PLOT if png else None)}
     if png:
         files[PLOT] = png
-    _write_all(directory, files)
+    write_all(directory, files)
     if png is None:
         # Without BN numbers there is no plot; an earlier run's would pass for this one's.
         (directory / PLOT).unlink(missing_ok=True)
     return directory / "RESULTS.md"
 
 
-def _write_all(directory: Path, files: dict[str, str | bytes]) -> None:
+def write_all(directory: Path, files: dict[str, str | bytes]) -> None:
     """Write every file or none: each to a temporary, renamed into place once all are written."""
     temporaries = {}
     try:

@@ -225,18 +225,11 @@ def main(argv=None) -> int:
     r["malloc"] = malloc
     print(report(r))
     if args.json:
-        _write_atomic(Path(args.json), json.dumps(r, indent=1) + "\n")
+        from benchmarks.report import write_all
+        path = Path(args.json)
+        # Through a temporary: a failure (a full disk) keeps the previous file.
+        write_all(path.parent, {path.name: json.dumps(r, indent=1) + "\n"})
     return 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """``path`` holds ``text``, or (on a failure, a full disk) what it held before."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -100,12 +100,12 @@ def test_an_interrupted_json_write_keeps_the_previous_file(monkeypatch, tmp_path
     path = tmp_path / "soak.json"
     path.write_text('{"steps": 5000}\n')
 
-    def write_text(target, data, *args, **kwargs):
-        with target.open("w") as f:
+    def write_bytes(target, data, *args, **kwargs):
+        with target.open("wb") as f:
             f.write(data[:3])  # stopped midway, as by a full disk
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
     with pytest.raises(OSError, match="No space left"):
         soak.main(["--steps", "5", "--json", str(path)])
     assert [f.name for f in tmp_path.iterdir()] == ["soak.json"]  # no temporary
