@@ -89,11 +89,6 @@ def open_out_dir(out: Path, resume: bool) -> int:
     return fd
 
 
-def _atomic_tmp(path: Path) -> Path:
-    """Where an atomic write of ``path`` goes first (plots._save names it alike)."""
-    return path.with_name(f".{path.name}.tmp")
-
-
 # The files of --out written through a temporary, and the writability probe:
 # the names a kill can leave behind. A run holding the lock removes them.
 ATOMIC_FILES = (RUN_CONFIG, "summary.json", *plots.FILES.values())
@@ -102,7 +97,7 @@ _PROBE = re.compile(r"^\.write-test-\d+$")
 
 def remove_leftovers(out: Path) -> list[str]:
     """Delete temporaries of this program's killed writes in ``out`` (only those)."""
-    leftovers = [_atomic_tmp(out / name) for name in ATOMIC_FILES]
+    leftovers = [plots.atomic_tmp(out / name) for name in ATOMIC_FILES]
     leftovers += [p for p in out.iterdir() if _PROBE.match(p.name)]
     removed = []
     for path in leftovers:
@@ -114,7 +109,7 @@ def remove_leftovers(out: Path) -> list[str]:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = _atomic_tmp(path)
+    tmp = plots.atomic_tmp(path)
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -152,13 +147,12 @@ def resume_config(explicit: dict[str, Any]) -> Config:
             raise ConfigError(
                 f"--{key.replace('_', '-')} {value} differs from the run in {probe.out} "
                 f"({was}); drop the option to resume, or choose another --out")
-    known = CONFIG_FIELDS
     # The saved data_dir is where the files were (often JAXBN_DATA's value
     # then); where JAXBN_DATA points now wins, as its error messages advise.
     # The files are checksummed, so any copy trains alike.
     moved = ("data_dir",) if os.environ.get("JAXBN_DATA") else ()
     merged = {k: v for k, v in saved.items()
-              if k in known and k not in ("out", "resume") + LAUNCH_FIELDS + moved}
+              if k in CONFIG_FIELDS and k not in ("out", "resume") + LAUNCH_FIELDS + moved}
     merged.update(explicit)
     merged.setdefault("out", probe.out)
     cfg = resolve(Config(**merged))

@@ -28,9 +28,14 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def atomic_tmp(path: Path) -> Path:
+    """Where an atomic write of ``path`` goes first: a hidden name beside it."""
+    return path.with_name(f".{path.name}.tmp")
+
+
 def _save(fig, path: Path) -> None:
     # Write beside the target and rename, so a kill never leaves half a PNG.
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = atomic_tmp(path)
     fig.savefig(tmp, dpi=110, format="png")
     tmp.replace(path)
 
