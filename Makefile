@@ -16,7 +16,7 @@ install: $(STAMP)
 
 # Each run gets its own output folder, so earlier runs are kept. Compiled
 # programs are kept in .cache/xla: a second run skips most of its
-# compilation (the CNN's first step: about 0.6 s instead of 3).
+# compilation (the CNN's first step: about 0.5 s instead of 2.5).
 train: $(STAMP)
 	$(PY) -m train --compile-cache .cache/xla --out runs/make-train-$$(date +%Y%m%d-%H%M%S)
 

@@ -3,8 +3,8 @@
 XLA:CPU allocates every step's outputs and temporaries afresh. glibc serves
 blocks above its mmap threshold with new mappings, whose pages fault in one
 by one on first touch and go back to the kernel on free: the CNN step took
-about 16,000 page faults per step, a third of its time on a 2-core machine
-(benchmarks/RESULTS.md, "Worker process settings"). With mmap off, one
+12,000 to 16,000 page faults per step, a quarter to a third of its time on a
+2-core machine (benchmarks/RESULTS.md, "Worker process settings"). With mmap off, one
 arena and no trimming, freed blocks are reused: 0 to 3,400 faults a step.
 The cost: the heap keeps its peak size instead of shrinking.
 """
