@@ -218,3 +218,21 @@ def test_augmented_batches_are_reproducible_and_resume_mid_epoch():
         np.testing.assert_array_equal(la, lb)
     plain = list(data.train_batches(x, y, 8, seed=1, epoch=2))
     assert any(not np.array_equal(a, p) for (a, _), (p, _) in zip(full, plain))
+
+
+def test_augmentation_draws_new_shifts_for_every_batch_epoch_and_seed():
+    # Forty copies of one image: batches differ only through their shifts.
+    image = np.arange(36, dtype=np.float32).reshape(1, 6, 6, 1)
+    x = np.repeat(image, 40, axis=0)
+    y = np.zeros(40, np.int32)
+
+    def shifted(seed, epoch):
+        return [xb for xb, _ in data.train_batches(x, y, 8, seed=seed, epoch=epoch, max_shift=1)]
+
+    batches = shifted(1, 2)
+    assert len(batches) == 5
+    for i in range(len(batches)):
+        for j in range(i + 1, len(batches)):
+            assert not np.array_equal(batches[i], batches[j]), (i, j)
+    assert not np.array_equal(batches[0], shifted(1, 3)[0])
+    assert not np.array_equal(batches[0], shifted(2, 2)[0])

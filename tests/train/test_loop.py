@@ -516,3 +516,33 @@ def test_a_non_finite_test_loss_is_written_as_json_null(tmp_path):
     assert _strict_json((out / "summary.json").read_text())["test_loss"] is None
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert "test loss n/a" in text.splitlines()[-1]
+
+
+def test_evaluation_uses_running_statistics_whatever_the_eval_batch(tmp_path, monkeypatch):
+    # With running statistics each test example's prediction is its own:
+    # splitting the test set into small zero-padded batches changes nothing.
+    code, whole, _ = run(tiny(tmp_path / "whole", norm="batch"))
+    assert code == 0
+    monkeypatch.setattr(loop, "EVAL_BATCH", 7)  # 360 test examples: 52 batches, the last padded
+    code, split, _ = run(tiny(tmp_path / "split", norm="batch"))
+    assert code == 0
+    assert split["test_accuracy"] == whole["test_accuracy"]
+    assert split["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-5)
+
+
+def test_skipped_non_finite_steps_are_counted_in_the_summary(tmp_path):
+    # One NaN example among 64: one batch of two is non-finite in each epoch.
+    def one_nan_example(*args, **kwargs):
+        d = data.load(*args, **kwargs)
+        x = d.x_train.copy()
+        x[5] = np.nan
+        return d._replace(x_train=x)
+
+    out = tmp_path / "run"
+    code, summary, _ = run(tiny(out, epochs=3), load_data=one_nan_example)
+    assert code == 0
+    steps_ = [r for r in records(out) if r["kind"] == "step"]
+    assert [r["finite"] for r in steps_].count(False) == 3
+    assert summary["bad_steps"] == 3
+    assert json.loads((out / "summary.json").read_text())["bad_steps"] == 3
+    assert summary["train_loss"] is not None

@@ -137,6 +137,25 @@ def test_optimizers_and_weight_decay_mask(name):
     assert float(jnp.abs(updates["kernel"]).max()) > 0.0
 
 
+def test_each_step_logs_the_learning_rate_it_applies():
+    # The cosine schedule warms up from 0: the first update moves nothing,
+    # the second uses schedule(1); a skipped (NaN) step does not advance it.
+    model = models.build_model("mlp", (8, 8, 1), norm="batch", seed=0, mlp_width=16, mlp_depth=2)
+    graphdefs, params, rest = steps.split_model(model)
+    schedule = steps.make_schedule("cosine", 0.1, 20)
+    tx = steps.make_optimizer("adam", schedule)
+    state0 = steps.init_state(params, rest, tx, seed=0)
+    train_step = jax.jit(steps.make_train_step(graphdefs.train, tx, schedule))
+    x, y = _batch()
+    state1, m1 = train_step(state0, (x, y))
+    assert float(m1["lr"]) == 0.0 and _equal(state1.params, state0.params)
+    nan_state, m_nan = train_step(state1, (np.full_like(x, np.nan), y))
+    assert not bool(m_nan["finite"]) and float(m_nan["lr"]) == float(schedule(1))
+    state2, m2 = train_step(nan_state, (x, y))
+    assert float(m2["lr"]) == float(schedule(1)) > 0.0
+    assert not _equal(state2.params, state1.params)
+
+
 @pytest.mark.parametrize("name", ["cosine", "onecycle", "constant"])
 def test_schedules_peak_at_lr(name):
     schedule = steps.make_schedule(name, 0.1, 200)
