@@ -100,6 +100,17 @@ def test_parse_idx_accepts_a_small_valid_file(tmp_path):
     np.testing.assert_array_equal(out, imgs)
 
 
+def test_parse_idx_refuses_a_label_outside_0_to_9(tmp_path):
+    # Structure intact (and no checksum for this file): the label itself is wrong.
+    labels = np.array([3, 9, 10, 0], np.uint8)
+    raw = gzip.compress(_idx_bytes(2049, (4,), labels.tobytes()))
+    with pytest.raises(DataError, match="has label 10, expected 0..9; re-download it"):
+        data.parse_idx(raw, "y.gz", kind="labels", count=4)
+    ok = gzip.compress(_idx_bytes(2049, (4,), labels.clip(0, 9).tobytes()))
+    np.testing.assert_array_equal(data.parse_idx(ok, "y.gz", kind="labels", count=4),
+                                  [3, 9, 9, 0])
+
+
 def _rewrite(path, transform):
     raw = gzip.decompress(path.read_bytes())
     path.write_bytes(gzip.compress(transform(raw), compresslevel=1))
