@@ -545,4 +545,8 @@ def test_skipped_non_finite_steps_are_counted_in_the_summary(tmp_path):
     assert [r["finite"] for r in steps_].count(False) == 3
     assert summary["bad_steps"] == 3
     assert json.loads((out / "summary.json").read_text())["bad_steps"] == 3
-    assert summary["train_loss"] is not None
+    # The epoch's train loss and accuracy average its finite steps only.
+    last = [r for r in steps_ if r["epoch"] == 3 and r["finite"]]
+    assert len(last) == 1
+    assert summary["train_loss"] == pytest.approx(last[0]["loss"])
+    assert summary["train_accuracy"] == pytest.approx(last[0]["accuracy"])
