@@ -156,6 +156,22 @@ def test_each_step_logs_the_learning_rate_it_applies():
     assert not _equal(state2.params, state1.params)
 
 
+def test_sgd_is_nesterov_momentum_0_9():
+    # velocity v = g + 0.9 v; update = -lr (g + 0.9 v): the look-ahead step.
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.zeros((2,))}
+    tx = steps.make_optimizer("sgd", optax.constant_schedule(0.1))
+    opt_state = tx.init(params)
+    rng = np.random.default_rng(0)
+    velocity = jax.tree.map(np.zeros_like, params)
+    for _ in range(3):
+        grads = jax.tree.map(lambda p: rng.standard_normal(p.shape).astype(np.float32), params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        velocity = jax.tree.map(lambda g, v: g + 0.9 * v, grads, velocity)
+        expected = jax.tree.map(lambda g, v: -0.1 * (g + 0.9 * v), grads, velocity)
+        for key in params:
+            np.testing.assert_allclose(updates[key], expected[key], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("name", ["cosine", "onecycle", "constant"])
 def test_schedules_peak_at_lr(name):
     schedule = steps.make_schedule(name, 0.1, 200)
