@@ -57,6 +57,17 @@ def test_eight_devices_match_one_device(tmp_path):
     np.testing.assert_allclose(eight["test_loss"], one["test_loss"], rtol=1e-5)
     # a borderline logit may flip one of the 360 test images
     assert abs(eight["test_accuracy"] - one["test_accuracy"]) <= 1 / 360
+    # The logged training loss and accuracy cover all 64 examples of each
+    # batch, not one device's 8 (again, a borderline logit may flip one).
+    logged = {name: [json.loads(line) for line in
+                     (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+              for name in ("one", "eight")}
+    one_steps, eight_steps = ([r for r in logged[n] if r["kind"] == "step"] for n in logged)
+    assert len(one_steps) == len(eight_steps) == 4
+    for a, b in zip(one_steps, eight_steps):
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
+        assert abs(b["accuracy"] - a["accuracy"]) <= 1 / 64 + 1e-9
+    np.testing.assert_allclose(eight["train_accuracy"], one["train_accuracy"], atol=1 / 64)
 
 
 def test_bn_groups_match_ghost_batches(tmp_path):
