@@ -55,7 +55,11 @@ def test_every_model_and_norm_trains_one_epoch(tmp_path, model, norm):
     recs = records(out)
     assert [r["kind"] for r in recs] == ["step", "step", "epoch"]
     assert {"step", "loss", "accuracy", "lr", "grad_norm", "step_time"} <= recs[0].keys()
-    assert {"train_loss", "train_accuracy", "test_loss", "test_accuracy"} <= recs[-1].keys()
+    assert {"train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_seconds",
+            "images_per_second", "elapsed_seconds"} <= recs[-1].keys()
+    # The epoch record names its epoch, its last step and the lr that step used.
+    assert (recs[-1]["epoch"], recs[-1]["step"]) == (1, 2) and recs[1]["step"] == 2
+    assert recs[-1]["lr"] == recs[1]["lr"]
     for key in ("test_accuracy", "test_loss", "epochs", "train_seconds", "images_per_second",
                 "config", "versions", "device"):
         assert key in summary
