@@ -505,6 +505,36 @@ def test_ghost_batch_norm_normalizes_each_chunk(running_var):
   np.testing.assert_allclose(s_full.var, s_bn.var, **F32_TOL)
 
 
+@pytest.mark.parametrize('running_var', ['biased', 'unbiased'])
+def test_masked_ghost_batch_norm_averages_the_chunks_with_data_equally(running_var):
+  # Chunks with different numbers of valid entries count once each in the
+  # running statistics (the plain average of the chunk statistics, not a
+  # count-weighted one), and a chunk with no valid entry of a feature not at
+  # all. Masked entries hold NaN.
+  x = _data((12, 3), seed=7)
+  mask = np.ones((12, 3), bool)
+  mask[4:6, 0] = False           # chunk 1: 2 of 4 valid for feature 0
+  mask[8:9, 1] = False           # chunk 2: 3 of 4 valid for feature 1
+  mask[8:12, 2] = False          # chunk 2: no valid entry for feature 2
+  poisoned = np.where(mask, x, np.nan).astype(np.float32)
+  y, new = jaxbn.batch_norm(poisoned, jaxbn.init_state(3), training=True, mask=mask,
+                            virtual_batch_size=4, momentum=0.0, running_var=running_var)
+  means, variances, counts = zip(*(np_moments(x[4 * i:4 * i + 4], (1,), mask[4 * i:4 * i + 4])
+                                   for i in range(3)))
+  means, variances, counts = np.array(means), np.array(variances), np.array(counts)
+  for i in range(3):
+    rows = slice(4 * i, 4 * i + 4)
+    ref = np_normalize(x[rows], means[i], variances[i], None, None, (1,), 1e-5)
+    np.testing.assert_allclose(np.where(mask[rows], y[rows], 0), np.where(mask[rows], ref, 0),
+                               **F32_TOL)
+  if running_var == 'unbiased':
+    variances = variances * counts / np.maximum(counts - 1, 1)
+  has = counts > 0
+  # Averages of two or three O(1) float32 values: F32_TOL is ample.
+  np.testing.assert_allclose(new.mean, (means * has).sum(0) / has.sum(0), **F32_TOL)
+  np.testing.assert_allclose(new.var, (variances * has).sum(0) / has.sum(0), **F32_TOL)
+
+
 def test_ghost_batch_norm_errors():
   x = _data((10, 3))
   state = jaxbn.init_state(3)
