@@ -109,6 +109,23 @@ def test_masked_statistics_match_reference():
   np.testing.assert_allclose(new.var, rvar, **F32_TOL)
 
 
+def test_epsilon_enters_both_sigmas_for_a_small_batch_variance():
+  # Features whose batch variance is comparable to epsilon: r is
+  # sqrt(var_B + eps) / sqrt(var + eps) (near 1 here, unclipped), not
+  # sqrt(var_B) / sqrt(var + eps) (0.3 to 0.7). Centred data (no offset)
+  # keeps every float32 step at full relative precision, so F32_TOL holds.
+  rng = np.random.default_rng(13)
+  x = (rng.standard_normal((32, 3)) * np.array([3e-3, 1e-3, 1.0])).astype(np.float32)
+  run_mean, run_var = np.array([1e-3, -5e-4, 0.2]), np.array([1e-5, 2e-6, 1.5])
+  scale, bias = np.array([1.5, 0.5, 1.0]), np.array([0.1, -0.2, 0.3])
+  y, _ = batch_renorm(x, _state(run_mean, run_var), scale.astype(np.float32),
+                      bias.astype(np.float32), training=True, r_max=3.0, d_max=5.0)
+  ry, r, d, *_ = np_renorm(x, run_mean, run_var, scale, bias, axes=(1,), r_max=3.0,
+                           d_max=5.0)
+  assert np.all((r > 1 / 3) & (r < 3)) and np.all(np.abs(d) < 5)
+  np.testing.assert_allclose(y, ry, **F32_TOL)
+
+
 def test_eval_mode_normalizes_with_running_stats():
   x = _data((10, 4))
   state = _state(np.arange(4.0), np.arange(1.0, 5.0), count=7)
