@@ -164,3 +164,20 @@ def test_moments_counts_and_shapes():
   m = jaxbn.moments(x, axis=1, mask=mask)
   np.testing.assert_array_equal(m.count, [3.0, 0.0, 0.0])
   np.testing.assert_array_equal(m.var, 0.0)
+
+
+@pytest.mark.parametrize('n', [3, 7, 1000])
+def test_constant_features_have_a_variance_of_zero_not_below(n):
+  # float64 reference: 0. The float32 sums cancel to within rounding, which
+  # may fall on either side of 0; below 0, sqrt(var) (a standard deviation)
+  # would be NaN. On CPU the ill-conditioned check sends these features
+  # through the shifted sums, whose rounding leaves far less than
+  # 1e-6 * mean^2.
+  rng = np.random.default_rng(2)
+  values = (rng.standard_normal(200) * 10.0 ** rng.integers(-3, 4, 200)).astype(np.float32)
+  x = np.broadcast_to(values, (n, 200))
+  var = np.asarray(jaxbn.moments(x).var, np.float64)
+  assert (var >= 0).all()
+  assert np.isfinite(np.sqrt(var)).all()
+  np.testing.assert_allclose(var, x.astype(np.float64).var(0), rtol=0,
+                             atol=1e-6 * float(np.min(values.astype(np.float64) ** 2)))
