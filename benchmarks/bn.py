@@ -8,6 +8,7 @@ them all identically.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Callable
@@ -21,6 +22,7 @@ from flax import nnx
 import jaxbn
 import jaxbn.linen
 import jaxbn.nnx
+from jaxbn import _native
 from benchmarks import batches, timing
 
 MOMENTUM = 0.99
@@ -104,8 +106,13 @@ def _nnx(cls):
     return make
 
 
+# jaxbn with its per-feature sums left to XLA (as with JAXBN_NATIVE=0): what
+# the native kernels save. They serve the CPU only, and so does this row.
+XLA_SUMS = "jaxbn, XLA sums"
+
 IMPLEMENTATIONS: dict[str, Callable] = {
     "jaxbn": _functional,
+    XLA_SUMS: _functional,
     "jaxbn.linen": _linen(jaxbn.linen.BatchNorm),
     "jaxbn.nnx": _nnx(jaxbn.nnx.BatchNorm),
     "flax.linen": _linen(linen.BatchNorm),
@@ -149,7 +156,9 @@ def compiled(name: str, config: Config, mode: str):
     apply, params, stats = IMPLEMENTATIONS[name](config.shape[-1], jnp.dtype(config.dtype),
                                                  mode != "eval")
     args = (params, stats) + inputs(config)
-    return jax.jit(_driver(apply, mode)).lower(*args).compile(), args
+    sums = _native.xla_sums_only() if name == XLA_SUMS else contextlib.nullcontext()
+    with sums:
+        return jax.jit(_driver(apply, mode)).lower(*args).compile(), args
 
 
 def blocking(fn, args):
@@ -160,6 +169,10 @@ def blocking(fn, args):
 # output reuses freed pages runs up to 2x faster than one that faults them
 # in): its medians need more rounds than the other sections' to settle.
 ROUNDS_PER_REPEAT = 4
+
+
+def implementations(backend: str) -> tuple[str, ...]:
+    return tuple(name for name in IMPLEMENTATIONS if backend == "cpu" or name != XLA_SUMS)
 
 
 def time_mode(config: Config, mode: str, repeats: int, names=tuple(IMPLEMENTATIONS)):
@@ -221,7 +234,8 @@ def run(quick: bool, repeats: int) -> dict:
         bw = max(measured.values())
         entry = {"config": dataclasses.asdict(config), "bandwidths": measured, "modes": {}}
         for mode in MODES:
-            times, programs = time_mode(config, mode, repeats)
+            times, programs = time_mode(config, mode, repeats,
+                                        implementations(jax.default_backend()))
             faults = {name: timing.faults_per_call(blocking(*program))
                       for name, program in programs.items()}
             entry["modes"][mode] = {"times": times, "faults": faults,
@@ -238,9 +252,8 @@ def tables(results: dict) -> list[tuple[str, str]]:
     entries = results["configs"]
     for mode in MODES:
         headers = ["implementation"] + [e["config"]["name"] for e in entries]
-        rows = []
-        for name in IMPLEMENTATIONS:
-            rows.append([name] + [_cell(e["modes"][mode], name) for e in entries])
+        rows = [[name] + [_cell(e["modes"][mode], name) for e in entries]
+                for name in timed(entries)]
         rows.append(["memory floor"] + [
             f"{timing.ms(e['modes'][mode]['floor'])} (jaxbn at "
             f"{e['modes'][mode]['times']['jaxbn'] / e['modes'][mode]['floor']:.1f}x floor)"
@@ -268,7 +281,7 @@ def bandwidth_table(entries) -> str:
     and that as a share of the best copy bandwidth of the same size."""
     mode = "train fwd+bwd"
     rows = []
-    for name in IMPLEMENTATIONS:
+    for name in timed(entries):
         row = [name]
         for e in entries:
             moved = MIN_PASSES[mode] * Config(**e["config"]).nbytes
@@ -276,6 +289,11 @@ def bandwidth_table(entries) -> str:
             row.append(f"{rate / 1e9:.0f} ({rate / max(e['bandwidths'].values()):.0%})")
         rows.append(row)
     return timing.table(["implementation"] + [e["config"]["name"] for e in entries], rows)
+
+
+def timed(entries) -> list[str]:
+    """The implementations a run timed, in table order."""
+    return list(entries[0]["modes"]["train fwd+bwd"]["times"])
 
 
 def _cell(measured: dict, name: str) -> str:

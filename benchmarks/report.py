@@ -299,7 +299,7 @@ def _plot(results: dict) -> bytes | None:
 
 def _bn_panel(ax, bn_results):
     entries = bn_results["configs"]
-    names = list(bn.IMPLEMENTATIONS)
+    names = bn.timed(entries)
     width = 0.8 / (len(names) + 1)
     for i, name in enumerate(names):
         values = [e["modes"]["train fwd+bwd"]["times"][name] * 1e3 for e in entries]

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _checks
-from jaxbn._moments import (Moments, psum_in_groups, reduce_moments, separate_reads,
-                            stats_dtype)
+from jaxbn._moments import Moments, psum_in_groups, reduce_moments, stats_dtype
+from jaxbn._native import centred_affine, separate_reads
 from jaxbn._state import BatchNormState
 
 
@@ -116,47 +116,26 @@ def _affine_normalize_jvp(dtype, primals, tangents):
   if bias is not None:
     y = y + bias
     offset = offset + dbias
-  # Its own conversion on CPU, see ``separate_reads``.
-  reads = lax.platform_dependent(reads, cpu=lambda r: separate_reads(r, 1)[0],
-                                 default=lambda r: r)
-  return y.astype(dtype), _cast_sum(dx * mul, _times_centred(reads, mean, dmul), offset,
-                                    dtype=dtype)
+  tangent = lax.platform_dependent(dx, reads, mean, mul, dmul, offset,
+                                   cpu=functools.partial(_tangent_on_cpu, dtype=dtype),
+                                   default=functools.partial(_tangent, dtype=dtype))
+  return y.astype(dtype), tangent
 
 
-def _times_centred(x, mean, dmul):
+def _tangent(dx, reads, mean, mul, dmul, offset, *, dtype):
   # Rematerialized, so the backward pass keeps x (which it reads anyway), not
-  # a full-size centred copy: ``sum(cotangent * (x - mean))`` is then one
-  # fused reduction, and the copy's write, read and fresh pages are saved.
-  # Remat's optimization barrier also holds the widened cotangent of a
-  # narrow output: XLA:CPU needs it there to widen inside each reduction,
-  # while on a GPU it forces that float32 copy into memory (twice a
-  # bfloat16 activation's size), and XLA:GPU fuses without it.
-  product = lambda x, mean, dmul: (x - mean) * dmul
-  return lax.platform_dependent(
-      x, mean, dmul, cpu=jax.checkpoint(product),
-      default=jax.checkpoint(product, prevent_cse=False))
+  # a full-size centred copy.
+  product = jax.checkpoint(lambda x, mean, dmul: (x - mean) * dmul, prevent_cse=False)
+  return (dx * mul + product(reads, mean, dmul) + offset).astype(dtype)
 
 
-def _cast_sum(*parts, dtype):
-  """``sum(parts).astype(dtype)``, with a backward that widens the cotangent
-  once per part where it is narrower.
-
-  On CPU, when ``dtype`` is narrower than the parts, each part after the
-  first is cast on its own behind a barrier: the backward then converts the
-  narrow cotangent separately for each of the two reductions instead of
-  writing one wide copy for both (see ``jaxbn._moments.separate_reads``). The
-  tangent itself is rounded per part there, ~1 ulp of ``dtype`` more.
-  """
-  total = lambda *parts: functools.reduce(jnp.add, parts).astype(dtype)
-  if parts[0].dtype == dtype:
-    return total(*parts)
-
-  def cast_apart(first, *rest):
-    # Broadcast before the cast: per-feature parts are then summed wide.
-    rest = lax.optimization_barrier(
-        tuple(jnp.broadcast_to(p, first.shape).astype(dtype) for p in rest))
-    return functools.reduce(jnp.add, (first.astype(dtype),) + rest)
-  return lax.platform_dependent(*parts, cpu=cast_apart, default=total)
+def _tangent_on_cpu(dx, reads, mean, mul, dmul, offset, *, dtype):
+  # The transpose of ``centred_affine`` makes the backward pass's two
+  # reductions, ``sum(cotangent * (x - mean))`` and ``sum(cotangent)``, in one
+  # read (see jaxbn._native), from the cotangent as it comes (in ``dtype``):
+  # each part is rounded to ``dtype`` on its own, ~1 ulp more.
+  reads = separate_reads(reads, 1)[0]
+  return (dx * mul).astype(dtype) + centred_affine(reads, mean, dmul, offset, dtype)
 
 
 def update_state(state: BatchNormState, batch: Moments, *, momentum=0.99,

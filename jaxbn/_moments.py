@@ -45,6 +45,8 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxbn._native import separate_reads, shifted_sums  # noqa: F401 (re-exported)
+
 
 # Plain sums serve features with |mean|^2 <= CONDITION_LIMIT * var.
 CONDITION_LIMIT = 16.0
@@ -148,16 +150,13 @@ def _checked_fast_moments(x, reduction_axes):
   data (under ``vmap`` the branch becomes a select, and both run).
   """
   n = _size(x.shape, reduction_axes)
-  xa, xb = separate_reads(x, 2)
-  mean, var = _moments_of_sums(jnp.sum(_widened(xa), axis=reduction_axes),
-                               jnp.sum(_abs2(_widened(xb)), axis=reduction_axes), n, 0.0)
+  mean, var = _moments_of_sums(*shifted_sums(x, None, reduction_axes), n, 0.0)
   # One max-reduction (not a compare, then any): fewer tiny kernels on small inputs.
   # A sum of |x|^2 that overflowed (|x| ~ 1e19 in float32) leaves an infinite
   # or NaN variance that the sums about the mean may still get right.
   excess = jnp.where(var < jnp.inf, _abs2(mean) - CONDITION_LIMIT * var, 1.0)
   ill_conditioned = jnp.max(excess) > 0
-  recentred = lambda mean: _moments_about(x, _expand(mean, reduction_axes), reduction_axes,
-                                          own_reads=True)
+  recentred = lambda mean: _moments_about(x, _expand(mean, reduction_axes), reduction_axes)
   return lax.cond(ill_conditioned, recentred, lambda mean: (mean, var), mean)
 
 
@@ -209,37 +208,16 @@ def _leading_block(x, lengths):
   return jax.sharding.auto_axes(take, out_sharding=NamedSharding(sharding.mesh, unsharded))(x)
 
 
-def _moments_about(x, shift, reduction_axes, own_reads=False):
-  """``(mean, var)`` from the sums of ``x - shift`` and ``|x - shift|^2``.
-
-  ``own_reads``: each sum reads (and widens) ``x`` itself, see :func:`separate_reads`.
-  """
-  # Two subtractions XLA cannot merge into one: each then fuses into its
-  # own reduction and the centred array is never written to memory.
-  xa, xb = separate_reads(x, 2) if own_reads else (x, x)
-  s1 = jnp.sum(_widened(xa) - shift, axis=reduction_axes)
-  s2 = jnp.sum(_abs2(_widened(xb) - lax.optimization_barrier(shift)), axis=reduction_axes)
+def _moments_about(x, shift, reduction_axes):
+  """``(mean, var)`` from the sums of ``x - shift`` and ``|x - shift|^2``, each
+  of which reads (and widens) ``x`` itself."""
+  s1, s2 = shifted_sums(x, shift, reduction_axes)
   return _moments_of_sums(s1, s2, _size(x.shape, reduction_axes), shift.reshape(s1.shape))
 
 
 def _widened(x):
   """``x`` in its statistics dtype (float32 for bfloat16 and float16)."""
   return x.astype(stats_dtype(x.dtype))
-
-
-def separate_reads(x, n):
-  """``n`` values equal to a narrow ``x`` that XLA cannot identify with it or
-  each other (a wide ``x``, which needs no conversion, ``n`` times as it is).
-
-  XLA:CPU writes a widened copy of a narrow array whose conversion has
-  several users, but widens inside a reduction that has the conversion to
-  itself: bfloat16 statistics then read x once per sum (2 bytes an entry)
-  instead of writing and reading a float32 copy (4 + 2 x 4 bytes, plus its
-  fresh pages). The barrier copies nothing.
-  """
-  if x.dtype == stats_dtype(x.dtype):
-    return (x,) * n
-  return lax.optimization_barrier((x,) * n)
 
 
 def _moments_of_sums(s1, s2, count, shift):

@@ -1,0 +1,407 @@
+"""Pairs of per-feature sums in one read of memory, natively on the CPU.
+
+XLA:CPU gives each reduction its own pass over memory, so the two sums of a
+batch norm (``sum(x)`` and ``sum(x^2)`` forward; ``sum(g)`` and
+``sum(g * (x - mean))`` backward) read each array twice. Two primitives
+here compute such pairs; on the CPU they lower to kernels (``_native.cc``)
+that read the arrays once, on XLA's own threads, and everywhere else to the
+same sums in XLA:
+
+- ``shifted_sums(a, shift_a, axes, b, shift_b)``: ``sum(a - shift_a)`` and
+  ``sum((a - shift_a) * (b - shift_b))`` (``b`` defaults to ``a``);
+- ``centred_affine(reads, mean, dmul, offset)``: ``(reads - mean) * dmul +
+  offset``, linear in ``(dmul, offset)``. Its transpose is that pair of
+  sums, so the backward pass of a batch norm makes it in one read.
+
+The kernels serve float32 and bfloat16 arrays whose reduced axes lead
+(features last: NHWC, dense), on one device (or inside ``shard_map``), and
+not in ``jax.export``, whose artifacts must not depend on this library.
+They are built on first use with the system's C++ compiler against
+jaxlib's XLA FFI headers (a few seconds, once per machine: the library is
+cached, see ``cache_dir``). Environment: ``JAXBN_NATIVE=0`` keeps every sum
+in XLA; ``JAXBN_NATIVE=1`` makes a failed build an error instead of a
+warning; ``CXX`` picks the compiler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import ctypes
+import functools
+import hashlib
+import logging
+import math
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = pathlib.Path(__file__).with_name('_native.cc')
+_TARGETS = {'jaxbn_square_sums': 'JaxbnSquareSums', 'jaxbn_product_sums': 'JaxbnProductSums'}
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+_XLA_ONLY = contextvars.ContextVar('jaxbn_xla_sums_only', default=False)
+
+
+@contextlib.contextmanager
+def xla_sums_only():
+  """Programs lowered inside use XLA's sums, not the kernels (to compare them)."""
+  token = _XLA_ONLY.set(True)
+  try:
+    yield
+  finally:
+    _XLA_ONLY.reset(token)
+
+
+class NativeBuildError(RuntimeError):
+  """The native kernels could not be built or loaded."""
+
+
+def cache_dir() -> pathlib.Path:
+  """Where built kernels are kept: ``$JAXBN_CACHE_DIR``, else
+  ``$XDG_CACHE_HOME/jaxbn``, else ``~/.cache/jaxbn``."""
+  if os.environ.get('JAXBN_CACHE_DIR'):
+    return pathlib.Path(os.environ['JAXBN_CACHE_DIR'])
+  base = os.environ.get('XDG_CACHE_HOME') or pathlib.Path.home() / '.cache'
+  return pathlib.Path(base) / 'jaxbn'
+
+
+def _mode() -> str:
+  mode = os.environ.get('JAXBN_NATIVE', 'auto').strip().lower() or 'auto'
+  if mode not in ('0', '1', 'auto'):
+    raise ValueError(f'JAXBN_NATIVE={mode!r}: use 0 (XLA sums only), 1 (native kernels, '
+                     'or an error) or leave it unset (native kernels where they build).')
+  return mode
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the native kernels are built, loaded and registered with XLA."""
+  mode = _mode()
+  if mode == '0':
+    return False
+  try:
+    library = ctypes.CDLL(str(_build()))
+    for target, symbol in _TARGETS.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                  platform='cpu')
+  except (NativeBuildError, OSError, AttributeError) as error:
+    if mode == '1':
+      raise NativeBuildError(f'{error}\nUnset JAXBN_NATIVE (or set it to 0) to use XLA '
+                             'sums instead.') from error
+    logger.warning('jaxbn: native CPU sums unavailable, batch norm falls back to XLA '
+                   'reductions (slower on CPU): %s. Set JAXBN_NATIVE=0 to silence this.', error)
+    return False
+  return True
+
+
+def _build() -> pathlib.Path:
+  """The shared library, compiled unless a build for this source, jaxlib and
+  CPU is cached. Concurrent builds each write a file of their own and
+  rename it into place, so a reader never sees half a library."""
+  if sys.platform == 'win32':
+    raise NativeBuildError('no native build on Windows')
+  compiler = os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++')
+  if not compiler:
+    raise NativeBuildError('no C++ compiler found (install g++ or clang, or set CXX)')
+  include = jax.ffi.include_dir()
+  flags = ['-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w']
+  key = hashlib.sha256('\0'.join([
+      _SOURCE.read_text(), jaxlib.__version__, compiler, *flags, platform.machine(),
+      _cpu_signature()]).encode()).hexdigest()[:16]
+  target = cache_dir() / f'jaxbn_native_{key}.so'
+  if target.exists():
+    return target
+  try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(suffix='.so.part', dir=target.parent)
+    os.close(fd)
+  except OSError as error:
+    raise NativeBuildError(f'cannot write to {target.parent} ({error}); set '
+                           'JAXBN_CACHE_DIR to a writable folder') from error
+  command = [compiler, *flags, f'-I{include}', str(_SOURCE), '-o', partial]
+  logger.info('jaxbn: building the native CPU sums once, into %s', target)
+  try:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+      raise NativeBuildError(f'{" ".join(command)} failed:\n{result.stderr[-2000:]}')
+    os.replace(partial, target)
+  except OSError as error:
+    raise NativeBuildError(f'{" ".join(command)} could not run: {error}') from error
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+  return target
+
+
+def _cpu_signature() -> str:
+  """What ``-march=native`` compiled for: a library built on one CPU model
+  may use instructions another lacks (a cache shared across machines)."""
+  try:
+    with open('/proc/cpuinfo') as info:
+      return ''.join(line for line in info if line.startswith(('model name', 'flags')))[:8192]
+  except OSError:
+    return platform.processor()
+
+
+# ---------------------------------------------------------------------------
+# shifted_sums
+
+
+def shifted_sums(a, shift_a, reduction_axes, b=None, shift_b=None):
+  """``(sum(a - shift_a), sum((a - shift_a) * (b - shift_b)))`` over ``reduction_axes``.
+
+  ``b`` defaults to ``a`` (and ``shift_b`` to ``shift_a``); a shift of
+  None is no shift. Shifts broadcast against the arrays; everything is
+  widened to float32 (or wider) before subtracting. Returns the kept shape.
+  """
+  reduction_axes = tuple(reduction_axes)
+  pairs = [(a, shift_a)] if b is None else [(a, shift_a), (b, shift_b)]
+  shifted = tuple(shift is not None for _, shift in pairs)
+  operands = [v for x, shift in pairs for v in (x, _shift(shift, x, reduction_axes))]
+  if not _traceable_natively(a):
+    return _xla_sums(*operands, reduction_axes=reduction_axes, shifted=shifted)
+  primitive = _square_sums_p if b is None else _product_sums_p
+  return primitive.bind(*_same_variance(*operands), reduction_axes=reduction_axes,
+                        shifted=shifted)
+
+
+def _xla_sums(a, shift_a, b=None, shift_b=None, *, reduction_axes, shifted):
+  """The sums of ``shifted_sums`` as XLA reductions (``|a - shift_a|^2``
+  for complex ``a`` without ``b``); ``shifted`` tells which shifts to apply."""
+  # Each sum reads (and widens) its operands itself: two subtractions XLA
+  # cannot merge into one each fuse into their own reduction, and neither a
+  # centred nor a widened array is written to memory (see separate_reads).
+  # The barriers also keep ``x - mean`` from merging with the program's
+  # other ``x - mean`` into one array in memory.
+  a1, a2 = separate_reads(a, 2)
+  s1 = jnp.sum(_widened(a1) - shift_a if shifted[0] else _widened(a1), reduction_axes)
+  u = _centred(a2, shift_a, shifted[0])
+  if b is None:
+    return s1, jnp.sum(jnp.real(u * jnp.conj(u)), reduction_axes)
+  (b,) = separate_reads(b, 1)
+  return s1, jnp.sum(u * _centred(b, shift_b, shifted[1]), reduction_axes)
+
+
+def _centred(x, shift, shifted):
+  return _widened(x) - lax.optimization_barrier(shift) if shifted else _widened(x)
+
+
+def separate_reads(x, n):
+  """``n`` values equal to a narrow ``x`` that XLA cannot identify with it or
+  each other (a wide ``x``, which needs no conversion, ``n`` times as it is).
+
+  XLA:CPU writes a widened copy of a narrow array whose conversion has
+  several users, but widens inside a reduction that has the conversion to
+  itself: bfloat16 statistics then read x once per sum (2 bytes an entry)
+  instead of writing and reading a float32 copy (4 + 2 x 4 bytes, plus its
+  fresh pages). The barrier copies nothing.
+  """
+  if x.dtype == _widened(x).dtype:
+    return (x,) * n
+  return lax.optimization_barrier((x,) * n)
+
+
+def _widened(x):
+  """``x`` in at least float32 (complex64 for complex ``x``)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _shift(shift, x, reduction_axes):
+  """``shift`` (0 for None) widened like ``x`` and shaped as its per-feature
+  (keepdims) sums."""
+  kept_dims = tuple(1 if i in reduction_axes else d for i, d in enumerate(x.shape))
+  return jnp.broadcast_to(jnp.asarray(0 if shift is None else shift, _widened(x).dtype),
+                          kept_dims)
+
+
+def _traceable_natively(x) -> bool:
+  """Whether a native kernel may serve ``x`` at all (lowering decides the rest).
+
+  Arrays typed with a sharding over a mesh are left to XLA, which places
+  the sums across devices itself.
+  """
+  if (jnp.dtype(x.dtype) not in _DTYPES or jax.default_backend() != 'cpu'
+      or _XLA_ONLY.get() or not available()):
+    return False
+  mesh = getattr(jax.typeof(x).sharding, 'mesh', None)
+  return mesh is None or mesh.empty or mesh.size == 1
+
+
+def _sums_abstract_eval(a, *rest, reduction_axes, shifted):
+  kept_axes = [i for i in range(a.ndim) if i not in reduction_axes]
+  # Per-device sums inside shard_map: as varying as the operands, which
+  # ``update`` keeps. Unsharded (``_traceable_natively``), so the spec of
+  # the kept axes is the operand's, all None.
+  spec = a.sharding.spec
+  out = a.update(shape=tuple(a.shape[i] for i in kept_axes), dtype=jnp.dtype(jnp.float32),
+                 weak_type=False, sharding=a.sharding.update(
+                     spec=type(spec)(*(spec[i] for i in kept_axes))))
+  return out, out
+
+
+def _same_variance(*args):
+  """``args`` made varying over the same ``shard_map`` axes (a no-op outside
+  one), as JAX's own operations do, so that transposing them sums the
+  cotangents of invariant operands across devices."""
+  axes = [_varying_axes(a) for a in args]
+  union = frozenset().union(*axes)
+  pcast = getattr(lax, 'pcast', None)
+  vary = ((lambda x, names: pcast(x, names, to='varying')) if pcast else lax.pvary)
+  return [a if own == union else vary(a, tuple(n for n in union if n not in own))
+          for a, own in zip(args, axes)]
+
+
+def _varying_axes(x) -> frozenset:
+  """The ``shard_map`` axes over which ``x`` varies (jax >= 0.10 and before)."""
+  aval = jax.typeof(x)
+  if hasattr(aval, 'vma'):
+    return aval.vma
+  return getattr(getattr(aval, 'manual_axis_type', None), 'varying', frozenset())
+
+
+def _sums_jvp(primitive, primals, tangents, *, reduction_axes, shifted):
+  # Bilinear: d sum(u v) = sum(du v) + sum(u dv), written with XLA sums
+  # (higher derivatives of a batch norm only). Unused shifts are zeros.
+  outs = primitive.bind(*primals, reduction_axes=reduction_axes, shifted=shifted)
+  tangents = [ad.instantiate_zeros(t) for t in tangents]
+  if len(primals) == 2:
+    (a, shift_a), (da, dshift_a) = primals, tangents
+    u, du = _widened(a) - shift_a, _widened(da) - dshift_a
+    return outs, (jnp.sum(du, reduction_axes), jnp.sum(2 * u * du, reduction_axes))
+  (a, shift_a, b, shift_b), (da, dshift_a, db, dshift_b) = primals, tangents
+  u, du = _widened(a) - shift_a, _widened(da) - dshift_a
+  v, dv = _widened(b) - shift_b, _widened(db) - dshift_b
+  return outs, (jnp.sum(du, reduction_axes), jnp.sum(du * v + u * dv, reduction_axes))
+
+
+def _sums_batch(args, dims, *, reduction_axes, shifted):
+  sums = functools.partial(_xla_sums, reduction_axes=reduction_axes, shifted=shifted)
+  return jax.vmap(sums, in_axes=dims)(*args), (0, 0)
+
+
+def _native_lowering(target):
+  def rule(ctx, *args, reduction_axes, shifted):
+    xla = functools.partial(_xla_sums, reduction_axes=reduction_axes, shifted=shifted)
+    if not _lowers_natively(ctx, ctx.avals_in[0], reduction_axes):
+      return mlir.lower_fun(xla)(ctx, *args)
+    kept = ctx.avals_out[0].shape
+    features = math.prod(kept)
+    result = jax.ShapeDtypeStruct((features,), jnp.float32)
+
+    def native(*operands):
+      rows = [v.reshape(-1, features) for v in operands]
+      return [s.reshape(kept) for s in jax.ffi.ffi_call(target, (result, result))(*rows)]
+    return mlir.lower_fun(native)(ctx, *args)
+  return rule
+
+
+def _lowers_natively(ctx, aval, reduction_axes) -> bool:
+  """Leading reduced axes, a static shape, one device (or inside shard_map)
+  and not exported."""
+  if reduction_axes != tuple(range(len(reduction_axes))) or not all(
+      isinstance(d, int) for d in aval.shape):
+    return False
+  module = ctx.module_context
+  if getattr(module.lowering_parameters, 'for_export', True):
+    return False
+  axis_context = module.axis_context
+  if hasattr(axis_context, 'num_devices') and axis_context.num_devices > 1:
+    return False
+  manual = getattr(axis_context, 'manual_axes', None)
+  return manual is None or set(manual) == set(axis_context.mesh.axis_names)
+
+
+def _sums_primitive(name, target):
+  primitive = Primitive(name)
+  primitive.multiple_results = True
+  primitive.def_impl(_xla_sums)
+  primitive.def_abstract_eval(_sums_abstract_eval)
+  ad.primitive_jvps[primitive] = functools.partial(_sums_jvp, primitive)
+  batching.primitive_batchers[primitive] = _sums_batch
+  mlir.register_lowering(primitive, mlir.lower_fun(_xla_sums))
+  mlir.register_lowering(primitive, _native_lowering(target), platform='cpu')
+  return primitive
+
+
+_square_sums_p = _sums_primitive('jaxbn_square_sums', 'jaxbn_square_sums')
+_product_sums_p = _sums_primitive('jaxbn_product_sums', 'jaxbn_product_sums')
+
+
+# ---------------------------------------------------------------------------
+# centred_affine
+
+
+def centred_affine(reads, mean, dmul, offset, dtype):
+  """``((reads - mean) * dmul + offset).astype(dtype)``, computed in float32 or wider.
+
+  ``mean``, ``dmul`` and ``offset`` are per-feature arrays shaped to
+  broadcast against ``reads`` (size 1 on the reduced axes). Linear in
+  ``(dmul, offset)``: a batch norm's tangent, whose transpose is the pair
+  ``(sum(g * (reads - mean)), sum(g))`` of :func:`shifted_sums`, read from
+  the cotangent ``g`` in ``dtype`` itself.
+  """
+  return _centred_affine_p.bind(*_same_variance(reads, mean, dmul, offset), dtype=jnp.dtype(dtype))
+
+
+def _centred_affine(reads, mean, dmul, offset, *, dtype):
+  return ((_widened(reads) - mean) * dmul + offset).astype(dtype)
+
+
+def _centred_affine_jvp(primals, tangents, *, dtype):
+  reads, mean, dmul, offset = primals
+  dreads, dmean, ddmul, doffset = (ad.instantiate_zeros(t) for t in tangents)
+  out = centred_affine(reads, mean, dmul, offset, dtype)
+  return out, (centred_affine(reads, mean, ddmul, doffset, dtype)
+               + ((_widened(dreads) - dmean) * dmul).astype(dtype))
+
+
+def _centred_affine_transpose(cotangent, reads, mean, dmul, offset, *, dtype):
+  if ad.is_undefined_primal(reads) or ad.is_undefined_primal(mean):
+    raise NotImplementedError('centred_affine is linear in (dmul, offset) only')
+  per_feature = (dmul.aval if ad.is_undefined_primal(dmul) else dmul).shape
+  if type(cotangent) is ad.Zero:
+    sums = [jnp.zeros(per_feature, _widened(reads).dtype)] * 2
+  else:
+    reduction_axes = tuple(i for i, d in enumerate(per_feature) if d == 1)
+    sums = [s.reshape(per_feature)
+            for s in shifted_sums(cotangent, None, reduction_axes, reads, mean)]
+  return (None, None) + tuple(_cotangent_of(s, v) for s, v in zip(sums[::-1], (dmul, offset)))
+
+
+def _cotangent_of(total, operand):
+  """``total`` as the cotangent of a linear ``operand`` (None for a known one):
+  its real part for a real operand of a complex product, as a cast's transpose."""
+  if not ad.is_undefined_primal(operand):
+    return None
+  dtype = operand.aval.dtype
+  if jnp.iscomplexobj(total) and not jnp.issubdtype(dtype, jnp.complexfloating):
+    total = jnp.real(total)
+  return total.astype(dtype)
+
+
+def _centred_affine_batch(args, dims, *, dtype):
+  affine = functools.partial(_centred_affine, dtype=dtype)
+  return jax.vmap(affine, in_axes=dims)(*args), 0
+
+
+_centred_affine_p = Primitive('jaxbn_centred_affine')
+_centred_affine_p.def_impl(_centred_affine)
+_centred_affine_p.def_abstract_eval(
+    lambda reads, *_, dtype: reads.update(dtype=dtype, weak_type=False))
+ad.primitive_jvps[_centred_affine_p] = _centred_affine_jvp
+ad.primitive_transposes[_centred_affine_p] = _centred_affine_transpose
+batching.primitive_batchers[_centred_affine_p] = _centred_affine_batch
+mlir.register_lowering(_centred_affine_p, mlir.lower_fun(_centred_affine, multiple_results=False))
