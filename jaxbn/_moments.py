@@ -10,10 +10,11 @@ loses ``log2(1 + mean^2 / var)`` bits and is wrong by more than 1e-3 in
 float32 from ``|mean| / std`` of about 100 (``tests/test_moments.py``
 measures it). Without a mask, the shift depends on the backend:
 
-- CPU: ``c = 0`` where that is safe. Pure sums are what XLA:CPU reduces
-  fastest, so the plain sums come first; if any feature has
-  ``|mean| > 4 std`` (more than ~4 bits lost), a second pass redoes the
-  sums about that mean (``lax.cond``: it costs nothing on centred data).
+- CPU: ``c = 0`` where that is safe. Plain sums are the fastest (both in
+  one read of ``x``: ``jaxbn._native``), so they come first; if any
+  feature has ``|mean| > 4 std`` (more than ~4 bits lost), a second pass
+  redoes the sums about that mean (``lax.cond``: it costs nothing on
+  centred data).
 - GPU/TPU: ``c`` is the median of three samples of each feature, a few
   standard deviations from the mean unless two of the three are outliers:
   one read of ``x``, as a branch would cost a host round trip there.
@@ -23,7 +24,7 @@ the algorithm. With a mask the first sample may be masked out (and hold
 NaN), so ``c`` is the masked mean from a first pass: the corrected two-pass
 algorithm, whose ``sum(x - c)`` term also cancels the rounding error of
 that first mean. Narrow inputs (bfloat16, float16) are widened inside each
-reduction, never as a stored copy (see :func:`separate_reads`).
+reduction, never as a stored copy (see ``jaxbn._native.separate_reads``).
 
 Cross-device. Each device reduces its own ``(n_i, mean_i, M2_i)``, and
 they combine with Chan et al.'s pairwise formula
@@ -45,7 +46,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxbn._native import separate_reads, shifted_sums  # noqa: F401 (re-exported)
+from jaxbn._native import shifted_sums
 
 
 # Plain sums serve features with |mean|^2 <= CONDITION_LIMIT * var.
@@ -145,8 +146,8 @@ def _checked_fast_moments(x, reduction_axes):
   ``E[|x|^2] - |E[x]|^2`` loses ``log2(1 + |mean|^2 / var)`` bits, so it is
   kept only when every feature has ``|mean|^2 <= CONDITION_LIMIT * var``
   (at most ~4 bits lost) and a finite variance, and redone otherwise with
-  the fast mean as the shift, which loses almost nothing. Pure reductions are
-  what XLA:CPU runs fastest, and the second pass runs only for badly centred
+  the fast mean as the shift, which loses almost nothing. Plain sums are
+  what the CPU computes fastest, and the second pass runs only for badly centred
   data (under ``vmap`` the branch becomes a select, and both run).
   """
   n = _size(x.shape, reduction_axes)

@@ -13,9 +13,10 @@ same sums in XLA:
   offset``, linear in ``(dmul, offset)``. Its transpose is that pair of
   sums, so the backward pass of a batch norm makes it in one read.
 
-The kernels serve float32 and bfloat16 arrays whose reduced axes lead
-(features last: NHWC, dense), on one device (or inside ``shard_map``), and
-not in ``jax.export``, whose artifacts must not depend on this library.
+The kernels serve float32 and bfloat16 arrays whose kept (feature) axes
+are contiguous and come after a reduced one (NHWC, NCHW, dense), on one
+device (or inside ``shard_map``), and not in ``jax.export``, whose
+artifacts must not depend on this library.
 They are built on first use with the system's C++ compiler against
 jaxlib's XLA FFI headers (a few seconds, once per machine: the library is
 cached, see ``cache_dir``). Environment: ``JAXBN_NATIVE=0`` keeps every sum
@@ -39,10 +40,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
@@ -86,9 +89,17 @@ def _mode() -> str:
   return mode
 
 
-@functools.cache
 def available() -> bool:
   """Whether the native kernels are built, loaded and registered with XLA."""
+  with _LOADING:  # one build and one registration, even from several threads
+    return _load()
+
+
+_LOADING = threading.Lock()
+
+
+@functools.cache
+def _load() -> bool:
   mode = _mode()
   if mode == '0':
     return False
@@ -231,13 +242,17 @@ def _traceable_natively(x) -> bool:
   """Whether a native kernel may serve ``x`` at all (lowering decides the rest).
 
   Arrays typed with a sharding over a mesh are left to XLA, which places
-  the sums across devices itself.
+  the sums across devices itself, unless every axis of the mesh is manual
+  (inside ``shard_map``: one device's block).
   """
   if (jnp.dtype(x.dtype) not in _DTYPES or jax.default_backend() != 'cpu'
       or _XLA_ONLY.get() or not available()):
     return False
   mesh = getattr(jax.typeof(x).sharding, 'mesh', None)
-  return mesh is None or mesh.empty or mesh.size == 1
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return True
+  manual = getattr(jax.sharding.AxisType, 'Manual', None)
+  return manual is not None and all(t == manual for t in mesh.axis_types)
 
 
 def _sums_abstract_eval(a, *rest, reduction_axes, shifted):
@@ -294,34 +309,45 @@ def _sums_batch(args, dims, *, reduction_axes, shifted):
 
 def _native_lowering(target):
   def rule(ctx, *args, reduction_axes, shifted):
-    xla = functools.partial(_xla_sums, reduction_axes=reduction_axes, shifted=shifted)
-    if not _lowers_natively(ctx, ctx.avals_in[0], reduction_axes):
+    layout = _native_layout(ctx, ctx.avals_in[0], reduction_axes)
+    if layout is None:
+      xla = functools.partial(_xla_sums, reduction_axes=reduction_axes, shifted=shifted)
       return mlir.lower_fun(xla)(ctx, *args)
     kept = ctx.avals_out[0].shape
-    features = math.prod(kept)
-    result = jax.ShapeDtypeStruct((features,), jnp.float32)
+    result = jax.ShapeDtypeStruct((layout[1],), jnp.float32)
 
     def native(*operands):
-      rows = [v.reshape(-1, features) for v in operands]
-      return [s.reshape(kept) for s in jax.ffi.ffi_call(target, (result, result))(*rows)]
+      flat = [v.reshape(-1) for v in operands]
+      sums = jax.ffi.ffi_call(target, (result, result))(*flat, inner=np.int64(layout[2]))
+      return [s.reshape(kept) for s in sums]
     return mlir.lower_fun(native)(ctx, *args)
   return rule
 
 
-def _lowers_natively(ctx, aval, reduction_axes) -> bool:
-  """Leading reduced axes, a static shape, one device (or inside shard_map)
-  and not exported."""
-  if reduction_axes != tuple(range(len(reduction_axes))) or not all(
-      isinstance(d, int) for d in aval.shape):
-    return False
+def _native_layout(ctx, aval, reduction_axes):
+  """``(outer, features, inner)`` for the kernels, or None where XLA's sums
+  serve: kept axes not contiguous or first, a symbolic shape, several
+  devices (outside shard_map) or ``jax.export``."""
+  kept = [i for i in range(aval.ndim) if i not in reduction_axes]
+  if not kept or kept != list(range(kept[0], kept[-1] + 1)):
+    return None
+  if not all(isinstance(d, int) for d in aval.shape):
+    return None
   module = ctx.module_context
   if getattr(module.lowering_parameters, 'for_export', True):
-    return False
+    return None
   axis_context = module.axis_context
   if hasattr(axis_context, 'num_devices') and axis_context.num_devices > 1:
-    return False
+    return None
   manual = getattr(axis_context, 'manual_axes', None)
-  return manual is None or set(manual) == set(axis_context.mesh.axis_names)
+  if manual is not None and set(manual) != set(axis_context.mesh.axis_names):
+    return None
+  shape = aval.shape
+  layout = (math.prod(shape[:kept[0]]), math.prod(shape[kept[0]:kept[-1] + 1]),
+            math.prod(shape[kept[-1] + 1:]))
+  # Nothing reduced before the features (a layer norm's rows): XLA reduces
+  # contiguous rows well and fuses more around them, measured faster there.
+  return layout if layout[0] > 1 else None
 
 
 def _sums_primitive(name, target):
