@@ -71,6 +71,27 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t tasks, Body body) {
   while (work->done.load() < tasks) std::this_thread::yield();
 }
 
+// Runs sum_block(k, s1, s2) for each block k in [0, blocks) in parallel, each
+// into float64 partials of its own, then adds the partials in block order.
+template <typename SumBlock>
+void SumBlocksInOrder(ffi::ThreadPool& pool, int64_t blocks, int64_t features,
+                      SumBlock sum_block, float* out1, float* out2) {
+  auto partial = std::make_shared<std::vector<double>>(blocks * 2 * features, 0.0);
+  ParallelFor(pool, blocks, [=](int64_t k) {
+    double* s = partial->data() + k * 2 * features;
+    sum_block(k, s, s + features);
+  });
+  for (int64_t j = 0; j < features; ++j) {
+    double t1 = 0, t2 = 0;
+    for (int64_t k = 0; k < blocks; ++k) {
+      t1 += (*partial)[k * 2 * features + j];
+      t2 += (*partial)[k * 2 * features + features + j];
+    }
+    out1[j] = static_cast<float>(t1);
+    out2[j] = static_cast<float>(t2);
+  }
+}
+
 // Rows [begin, end) of a (rows, features) array into float64 sums s1, s2.
 template <typename A, typename B, bool kSquare>
 void SumRowBlock(const A* a, const B* b, const float* shift_a, const float* shift_b,
@@ -106,21 +127,10 @@ void SumRows(ffi::ThreadPool& pool, const A* a, const B* b, const float* shift_a
   int64_t block = std::max<int64_t>(
       kChunk, kTaskEntries / std::max<int64_t>(features, 1) / kChunk * kChunk);
   int64_t blocks = std::max<int64_t>((rows + block - 1) / block, 1);
-  auto partial = std::make_shared<std::vector<double>>(blocks * 2 * features, 0.0);
-  ParallelFor(pool, blocks, [=](int64_t k) {
-    double* s = partial->data() + k * 2 * features;
+  SumBlocksInOrder(pool, blocks, features, [=](int64_t k, double* s1, double* s2) {
     SumRowBlock<A, B, kSquare>(a, b, shift_a, shift_b, k * block,
-                               std::min(rows, (k + 1) * block), features, s, s + features);
-  });
-  for (int64_t j = 0; j < features; ++j) {
-    double t1 = 0, t2 = 0;
-    for (int64_t k = 0; k < blocks; ++k) {
-      t1 += (*partial)[k * 2 * features + j];
-      t2 += (*partial)[k * 2 * features + features + j];
-    }
-    out1[j] = static_cast<float>(t1);
-    out2[j] = static_cast<float>(t2);
-  }
+                               std::min(rows, (k + 1) * block), features, s1, s2);
+  }, out1, out2);
 }
 
 // 16 float32 lanes (GCC/Clang vector extensions: two AVX2 or one AVX-512
@@ -207,20 +217,9 @@ void SumRuns(ffi::ThreadPool& pool, const A* a, const B* b, const float* shift_a
     }
     return;
   }
-  auto partial = std::make_shared<std::vector<double>>(blocks * 2 * features, 0.0);
-  ParallelFor(pool, blocks, [=](int64_t k) {
-    double* s = partial->data() + k * 2 * features;
-    runs(k * block, std::min(outer, (k + 1) * block), 0, features, s, s + features);
-  });
-  for (int64_t c = 0; c < features; ++c) {
-    double t1 = 0, t2 = 0;
-    for (int64_t k = 0; k < blocks; ++k) {
-      t1 += (*partial)[k * 2 * features + c];
-      t2 += (*partial)[k * 2 * features + features + c];
-    }
-    out1[c] = static_cast<float>(t1);
-    out2[c] = static_cast<float>(t2);
-  }
+  SumBlocksInOrder(pool, blocks, features, [=](int64_t k, double* s1, double* s2) {
+    runs(k * block, std::min(outer, (k + 1) * block), 0, features, s1, s2);
+  }, out1, out2);
 }
 
 template <typename A, typename B, bool kSquare>
