@@ -147,10 +147,12 @@ def _build() -> pathlib.Path:
   try:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-      raise NativeBuildError(f'{" ".join(command)} failed:\n{result.stderr[-2000:]}')
+      raise NativeBuildError(f'{" ".join(command)} failed (exit status {result.returncode})'
+                             f'{":" if result.stderr else ""}\n{result.stderr[-2000:]}')
     os.replace(partial, target)
   except OSError as error:
-    raise NativeBuildError(f'{" ".join(command)} could not run: {error}') from error
+    raise NativeBuildError(f'the C++ compiler {compiler!r} could not run ({error}); install '
+                           'g++ or clang, or set CXX to one') from error
   finally:
     if os.path.exists(partial):
       os.remove(partial)

@@ -243,6 +243,14 @@ def test_a_failed_build_falls_back_to_xla_with_a_warning(tmp_path):
   assert 'native CPU sums unavailable' in run.stderr and 'JAXBN_NATIVE=0' in run.stderr
 
 
+def test_a_missing_compiler_falls_back_and_says_how_to_fix(tmp_path):
+  run = _run(GRADIENT_CHECK, CXX=str(tmp_path / 'no-such-c++'), JAXBN_CACHE_DIR=str(tmp_path))
+  assert run.returncode == 0, run.stderr
+  assert run.stdout.split() == ['xla', 'False']
+  assert 'could not run' in run.stderr and 'install g++ or clang, or set CXX' in run.stderr
+  assert not list(tmp_path.glob('*.part'))
+
+
 def test_jaxbn_native_1_makes_a_failed_build_an_error(tmp_path):
   run = _run(GRADIENT_CHECK, JAXBN_NATIVE='1', CXX='false', JAXBN_CACHE_DIR=str(tmp_path))
   assert run.returncode != 0
