@@ -46,7 +46,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxbn._native import shifted_sums
+from jaxbn._native import shifted_sums, widened
 
 
 # Plain sums serve features with |mean|^2 <= CONDITION_LIMIT * var.
@@ -96,7 +96,7 @@ def reduce_moments(
   reduction_axes = tuple(reduction_axes)
   kept_shape = tuple(d for i, d in enumerate(x.shape) if i not in reduction_axes)
   if narrow is None:
-    x, narrow = _widened(x), x
+    x, narrow = widened(x), x
   real = jnp.finfo(x.dtype).dtype
   if mask is None:
     mean, var = _unmasked_moments(x, lax.stop_gradient(narrow), reduction_axes)
@@ -168,7 +168,7 @@ def _shifted_moments(x, reduction_axes):
   the three samples are outliers (one outlier as the shift would cost
   ``log2(|outlier - mean|^2 / var)`` bits).
   """
-  x = _widened(x)
+  x = widened(x)
   return _moments_about(x, _median_of_three(x, reduction_axes), reduction_axes)
 
 
@@ -214,11 +214,6 @@ def _moments_about(x, shift, reduction_axes):
   of which reads (and widens) ``x`` itself."""
   s1, s2 = shifted_sums(x, shift, reduction_axes)
   return _moments_of_sums(s1, s2, _size(x.shape, reduction_axes), shift.reshape(s1.shape))
-
-
-def _widened(x):
-  """``x`` in its statistics dtype (float32 for bfloat16 and float16)."""
-  return x.astype(stats_dtype(x.dtype))
 
 
 def _moments_of_sums(s1, s2, count, shift):

@@ -200,7 +200,7 @@ def _xla_sums(a, shift_a, b=None, shift_b=None, *, reduction_axes, shifted):
   # The barriers also keep ``x - mean`` from merging with the program's
   # other ``x - mean`` into one array in memory.
   a1, a2 = separate_reads(a, 2)
-  s1 = jnp.sum(_widened(a1) - shift_a if shifted[0] else _widened(a1), reduction_axes)
+  s1 = jnp.sum(widened(a1) - shift_a if shifted[0] else widened(a1), reduction_axes)
   u = _centred(a2, shift_a, shifted[0])
   if b is None:
     return s1, jnp.sum(jnp.real(u * jnp.conj(u)), reduction_axes)
@@ -209,7 +209,7 @@ def _xla_sums(a, shift_a, b=None, shift_b=None, *, reduction_axes, shifted):
 
 
 def _centred(x, shift, shifted):
-  return _widened(x) - lax.optimization_barrier(shift) if shifted else _widened(x)
+  return widened(x) - lax.optimization_barrier(shift) if shifted else widened(x)
 
 
 def separate_reads(x, n):
@@ -222,12 +222,12 @@ def separate_reads(x, n):
   instead of writing and reading a float32 copy (4 + 2 x 4 bytes, plus its
   fresh pages). The barrier copies nothing.
   """
-  if x.dtype == _widened(x).dtype:
+  if x.dtype == widened(x).dtype:
     return (x,) * n
   return lax.optimization_barrier((x,) * n)
 
 
-def _widened(x):
+def widened(x):
   """``x`` in at least float32 (complex64 for complex ``x``)."""
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
@@ -236,7 +236,7 @@ def _shift(shift, x, reduction_axes):
   """``shift`` (0 for None) widened like ``x`` and shaped as its per-feature
   (keepdims) sums."""
   kept_dims = tuple(1 if i in reduction_axes else d for i, d in enumerate(x.shape))
-  return jnp.broadcast_to(jnp.asarray(0 if shift is None else shift, _widened(x).dtype),
+  return jnp.broadcast_to(jnp.asarray(0 if shift is None else shift, widened(x).dtype),
                           kept_dims)
 
 
@@ -291,16 +291,13 @@ def _varying_axes(x) -> frozenset:
 
 def _sums_jvp(primitive, primals, tangents, *, reduction_axes, shifted):
   # Bilinear: d sum(u v) = sum(du v) + sum(u dv), written with XLA sums
-  # (higher derivatives of a batch norm only). Unused shifts are zeros.
+  # (higher derivatives of a batch norm only). Unused shifts are zeros; the
+  # square sums are the product sums with b = a.
   outs = primitive.bind(*primals, reduction_axes=reduction_axes, shifted=shifted)
   tangents = [ad.instantiate_zeros(t) for t in tangents]
-  if len(primals) == 2:
-    (a, shift_a), (da, dshift_a) = primals, tangents
-    u, du = _widened(a) - shift_a, _widened(da) - dshift_a
-    return outs, (jnp.sum(du, reduction_axes), jnp.sum(2 * u * du, reduction_axes))
-  (a, shift_a, b, shift_b), (da, dshift_a, db, dshift_b) = primals, tangents
-  u, du = _widened(a) - shift_a, _widened(da) - dshift_a
-  v, dv = _widened(b) - shift_b, _widened(db) - dshift_b
+  centred = lambda values: [widened(x) - shift for x, shift in zip(values[::2], values[1::2])]
+  u, v = (centred(primals) * 2)[:2]
+  du, dv = (centred(tangents) * 2)[:2]
   return outs, (jnp.sum(du, reduction_axes), jnp.sum(du * v + u * dv, reduction_axes))
 
 
@@ -385,7 +382,7 @@ def centred_affine(reads, mean, dmul, offset, dtype):
 
 
 def _centred_affine(reads, mean, dmul, offset, *, dtype):
-  return ((_widened(reads) - mean) * dmul + offset).astype(dtype)
+  return ((widened(reads) - mean) * dmul + offset).astype(dtype)
 
 
 def _centred_affine_jvp(primals, tangents, *, dtype):
@@ -393,7 +390,7 @@ def _centred_affine_jvp(primals, tangents, *, dtype):
   dreads, dmean, ddmul, doffset = (ad.instantiate_zeros(t) for t in tangents)
   out = centred_affine(reads, mean, dmul, offset, dtype)
   return out, (centred_affine(reads, mean, ddmul, doffset, dtype)
-               + ((_widened(dreads) - dmean) * dmul).astype(dtype))
+               + ((widened(dreads) - dmean) * dmul).astype(dtype))
 
 
 def _centred_affine_transpose(cotangent, reads, mean, dmul, offset, *, dtype):
@@ -401,7 +398,7 @@ def _centred_affine_transpose(cotangent, reads, mean, dmul, offset, *, dtype):
     raise NotImplementedError('centred_affine is linear in (dmul, offset) only')
   per_feature = (dmul.aval if ad.is_undefined_primal(dmul) else dmul).shape
   if type(cotangent) is ad.Zero:
-    sums = [jnp.zeros(per_feature, _widened(reads).dtype)] * 2
+    sums = [jnp.zeros(per_feature, widened(reads).dtype)] * 2
   else:
     reduction_axes = tuple(i for i, d in enumerate(per_feature) if d == 1)
     sums = [s.reshape(per_feature)
