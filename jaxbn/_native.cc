@@ -18,7 +18,9 @@
 // Accuracy and determinism: each float32 accumulator adds at most 64
 // values before it is flushed into float64, and the flushes happen in an
 // order fixed by the shape, so the result does not depend on the threads
-// that ran it.
+// that ran it. jaxbn/_native.py compiles with -ffp-contract=off: every
+// operation rounds as written, never fused into a multiply-add at the
+// compiler's discretion, so each code path gives the same bits.
 
 #include <algorithm>
 #include <atomic>
@@ -36,6 +38,7 @@ namespace {
 
 constexpr int64_t kChunk = 64;          // values per float32 accumulator
 constexpr int64_t kLanes = 16;          // accumulators along a contiguous run
+constexpr int64_t kTile = 4 * kLanes;   // features a short row's accumulators hold
 constexpr int64_t kTaskEntries = 1 << 17;  // entries a task claims, at least
 
 inline float Load(const float* p, int64_t i) { return p[i]; }
@@ -92,6 +95,26 @@ void SumBlocksInOrder(ffi::ThreadPool& pool, int64_t blocks, int64_t features,
   }
 }
 
+// 16 float32 lanes (GCC/Clang vector extensions: two AVX2 or one AVX-512
+// register), so a contiguous run is summed lane-wise, not element by element.
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+typedef uint16_t Lanes16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef uint32_t Lanes32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+inline Lanes LoadLanes(const float* p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline Lanes LoadLanes(const uint16_t* p) {  // bfloat16
+  Lanes16 half;
+  std::memcpy(&half, p, sizeof half);
+  Lanes32 bits = __builtin_convertvector(half, Lanes32) << 16;
+  Lanes v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
 // Rows [begin, end) of a (rows, features) array into float64 sums s1, s2.
 template <typename A, typename B, bool kSquare>
 void SumRowBlock(const A* a, const B* b, const float* shift_a, const float* shift_b,
@@ -118,6 +141,65 @@ void SumRowBlock(const A* a, const B* b, const float* shift_a, const float* shif
   }
 }
 
+// Columns [j, j + kVectors * kLanes) of rows [begin, end) of a (rows,
+// features) array into float64 sums s1, s2; the accumulators stay in
+// registers while the rows stream past.
+template <typename A, typename B, bool kSquare, int kVectors>
+void SumTile(const A* a, const B* b, const float* shift_a, const float* shift_b,
+             int64_t begin, int64_t end, int64_t features, int64_t j, double* s1,
+             double* s2) {
+  Lanes sa[kVectors], sb[kVectors], acc1[kVectors] = {}, acc2[kVectors] = {};
+  for (int q = 0; q < kVectors; ++q) {
+    sa[q] = LoadLanes(shift_a + j + q * kLanes);
+    sb[q] = LoadLanes(shift_b + j + q * kLanes);
+  }
+  for (int64_t r = begin; r < end; ++r) {
+    for (int q = 0; q < kVectors; ++q) {
+      Lanes u = LoadLanes(a + r * features + j + q * kLanes) - sa[q];
+      Lanes v = kSquare ? u : LoadLanes(b + r * features + j + q * kLanes) - sb[q];
+      acc1[q] += u;
+      acc2[q] += u * v;
+    }
+  }
+  float sum1[kVectors * kLanes], sum2[kVectors * kLanes];
+  std::memcpy(sum1, acc1, sizeof sum1);
+  std::memcpy(sum2, acc2, sizeof sum2);
+  for (int64_t l = 0; l < kVectors * kLanes; ++l) {
+    s1[j + l] += sum1[l];
+    s2[j + l] += sum2[l];
+  }
+}
+
+// SumRowBlock for short rows (at most kTile values): a chunk's rows are
+// read column tile by column tile, with the accumulators in registers
+// rather than in memory. The same additions in the same order.
+template <typename A, typename B, bool kSquare>
+void SumShortRowBlock(const A* a, const B* b, const float* shift_a, const float* shift_b,
+                      int64_t begin, int64_t end, int64_t features, double* s1, double* s2) {
+  for (int64_t chunk = begin; chunk < end; chunk += kChunk) {
+    int64_t chunk_end = std::min(end, chunk + kChunk);
+    int64_t j = 0;
+    for (; j + kTile <= features; j += kTile) {
+      SumTile<A, B, kSquare, kTile / kLanes>(a, b, shift_a, shift_b, chunk, chunk_end,
+                                             features, j, s1, s2);
+    }
+    for (; j + kLanes <= features; j += kLanes) {
+      SumTile<A, B, kSquare, 1>(a, b, shift_a, shift_b, chunk, chunk_end, features, j, s1, s2);
+    }
+    for (; j < features; ++j) {  // the last features % kLanes, one at a time
+      float acc1 = 0, acc2 = 0;
+      for (int64_t r = chunk; r < chunk_end; ++r) {
+        float u = Load(a, r * features + j) - shift_a[j];
+        float v = kSquare ? u : Load(b, r * features + j) - shift_b[j];
+        acc1 += u;
+        acc2 += u * v;
+      }
+      s1[j] += acc1;
+      s2[j] += acc2;
+    }
+  }
+}
+
 // Features last (inner = 1): blocks of rows, each summed into its own
 // float64 partials, which are added in block order at the end.
 template <typename A, typename B, bool kSquare>
@@ -128,29 +210,11 @@ void SumRows(ffi::ThreadPool& pool, const A* a, const B* b, const float* shift_a
       kChunk, kTaskEntries / std::max<int64_t>(features, 1) / kChunk * kChunk);
   int64_t blocks = std::max<int64_t>((rows + block - 1) / block, 1);
   SumBlocksInOrder(pool, blocks, features, [=](int64_t k, double* s1, double* s2) {
-    SumRowBlock<A, B, kSquare>(a, b, shift_a, shift_b, k * block,
-                               std::min(rows, (k + 1) * block), features, s1, s2);
+    auto sum_block = features <= kTile ? SumShortRowBlock<A, B, kSquare>
+                                       : SumRowBlock<A, B, kSquare>;
+    sum_block(a, b, shift_a, shift_b, k * block, std::min(rows, (k + 1) * block), features,
+              s1, s2);
   }, out1, out2);
-}
-
-// 16 float32 lanes (GCC/Clang vector extensions: two AVX2 or one AVX-512
-// register), so a contiguous run is summed lane-wise, not element by element.
-typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
-typedef uint16_t Lanes16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
-typedef uint32_t Lanes32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
-
-inline Lanes LoadLanes(const float* p) {
-  Lanes v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline Lanes LoadLanes(const uint16_t* p) {  // bfloat16
-  Lanes16 half;
-  std::memcpy(&half, p, sizeof half);
-  Lanes32 bits = __builtin_convertvector(half, Lanes32) << 16;
-  Lanes v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
 }
 
 // One contiguous run of n values into float64 sums t1, t2: 16 lanes of at

@@ -128,7 +128,7 @@ def _build() -> pathlib.Path:
   if not compiler:
     raise NativeBuildError('no C++ compiler found (install g++ or clang, or set CXX)')
   include = jax.ffi.include_dir()
-  flags = ['-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w']
+  flags = ['-O3', '-march=native', '-std=c++17', '-ffp-contract=off', '-shared', '-fPIC', '-w']
   key = hashlib.sha256('\0'.join([
       _SOURCE.read_text(), jaxlib.__version__, compiler, *flags, platform.machine(),
       _cpu_signature()]).encode()).hexdigest()[:16]

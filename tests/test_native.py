@@ -46,12 +46,15 @@ def test_the_kernels_build_and_load():
 
 
 # Features last: rows not a multiple of the 64-row chunk; one feature;
-# features that are not a multiple of a SIMD width; several blocks of rows
-# (2^17 entries a block). Features in the middle (NCHW): runs shorter than
-# the 16 lanes and not a multiple of them; runs longer than a flush (1024);
-# few outer indices (the features split among tasks); many (blocks of them).
+# features that are not a multiple of a SIMD width; short rows (at most 64
+# features, summed in registers) of exactly 64 and of 3 x 16 + 5; several
+# blocks of rows (2^17 entries a block). Features in the middle (NCHW):
+# runs shorter than the 16 lanes and not a multiple of them; runs longer
+# than a flush (1024); few outer indices (the features split among tasks);
+# many (blocks of them).
 SHAPES = [((37, 5, 5, 24), (0, 1, 2)), ((3001, 7), (0,)), ((130, 1), (0,)),
-          ((700, 300), (0,)), ((2, 3, 4, 5, 6), (0, 1)),
+          ((700, 300), (0,)), ((4133, 64), (0,)), ((9, 11, 53), (0, 1)),
+          ((2, 3, 4, 5, 6), (0, 1)),
           ((6, 5, 3, 3), (0, 2, 3)), ((3, 4, 2000), (0, 2)), ((2, 3, 50000), (0, 2)),
           ((80, 8, 1000), (0, 2)), ((4, 3, 5, 6, 7), (0, 3, 4))]
 
