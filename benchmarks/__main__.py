@@ -279,6 +279,8 @@ def worker_jobs(only, quick: bool, repeats: int, backend: str) -> dict:
         return {}
     spec = {"tasks": tasks, "quick": quick, "repeats": repeats}
     torch_spec = dict(spec, device="cpu" if cpu else "cuda")
+    if "bn" in tasks:  # each JAX process measures the floor under its own settings
+        spec = dict(spec, tasks=tasks + ["bn_floor"])
     jax_job = lambda spec=spec, **kw: Job("benchmarks.jax_worker", spec, **kw)
     torch_job = lambda spec=torch_spec, **kw: Job(TORCH_WORKER, spec, **kw)
     jobs = {"JAX": jax_job(), "PyTorch": torch_job()}
@@ -332,6 +334,10 @@ def worker_tables(only, runs: dict) -> list[tuple[str, str]]:
                     report.settings_table(runs)))
         out.append(("Fastest configuration of each framework (from all worker processes above)",
                     report.best_table(runs)))
+    if any("bn_floor" in run for run in runs.values()):
+        out.append(("BN fwd+bwd against the memory floor each JAX process measured under its "
+                    "settings (ratio to the floor, page faults per call)",
+                    report.floor_table(runs)))
     return out
 
 

@@ -30,10 +30,11 @@ EPSILON = 1e-5
 REFERENCE = "flax.linen"
 MODES = ("train fwd+bwd", "train fwd", "eval")
 # Array-sized memory transfers of the fewest passes each mode needs:
-# fwd+bwd: pass 1 reads x and the cotangent g (all per-channel sums),
-# pass 2 reads x and g and writes dx; fwd: read x for the statistics, read x
-# and write y; eval: read x, write y.
-MIN_PASSES = {"train fwd+bwd": 5, "train fwd": 3, "eval": 2}
+# fwd+bwd: read x for the statistics (the cotangent g depends on y, hence on
+# them), read x and g for the backward's per-channel sums, read x and g and
+# write dx; fwd: read x for the statistics, read x and write y; eval: read
+# x, write y.
+MIN_PASSES = {"train fwd+bwd": 6, "train fwd": 3, "eval": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +225,11 @@ def bandwidths(config: Config, repeats: int) -> dict[str, float]:
 
 def floor_seconds(config: Config, mode: str, bytes_per_second: float) -> float:
     return MIN_PASSES[mode] * config.nbytes / bytes_per_second
+
+
+def measured_floor(config: Config, mode: str, repeats: int) -> float:
+    """The floor at the best bandwidth measured now, in this process."""
+    return floor_seconds(config, mode, max(bandwidths(config, repeats).values()))
 
 
 def run(quick: bool, repeats: int) -> dict:

@@ -1,8 +1,8 @@
 """JAX side of the cross-framework comparisons, run in its own process.
 
-``python -m benchmarks.jax_worker '{"tasks": ["bn", "cnn", "layers"], "quick": false,
-"repeats": 9}'`` prints one JSON line: per task, median seconds (and page
-faults per call, which show the allocator's share). ``"variants": [...]``
+``python -m benchmarks.jax_worker '{"tasks": ["bn", "bn_floor", "cnn", "layers"],
+"quick": false, "repeats": 9}'`` prints one JSON line: per task, median
+seconds (and page faults per call, which show the allocator's share). ``"variants": [...]``
 limits the CNN step to those variants.
 """
 
@@ -29,12 +29,27 @@ def bn_task(quick: bool, repeats: int) -> dict:
             for name in BN_NAMES}
 
 
+def bn_floor_task(quick: bool, repeats: int) -> dict:
+    """Per BN config: the forward+backward's memory floor and times, measured
+    under this process's malloc and cores (the page faults of fresh outputs
+    depend on them; the floor's donated add has none)."""
+    out = {}
+    for config in bn.configs(quick, jax.default_backend()):
+        times, programs = bn.time_mode(config, "train fwd+bwd", repeats, BN_NAMES)
+        out[config.name] = {
+            "floor": bn.measured_floor(config, "train fwd+bwd", repeats),
+            "times": {name: {"seconds": times[name], "faults_per_call":
+                             timing.faults_per_call(bn.blocking(*programs[name]))}
+                      for name in BN_NAMES}}
+    return out
+
+
 def main(spec: dict) -> dict:
     procs.die_with_parent()
     procs.pin_cores(spec.get("cores"))
     if spec.get("train_malloc"):
         tune_malloc()  # as python -m train does
-    tasks = {"bn": bn_task, "cnn": functools.partial(cnn.run_steps, names=spec.get("variants")),
+    tasks = {"bn": bn_task, "bn_floor": bn_floor_task, "cnn": functools.partial(cnn.run_steps, names=spec.get("variants")),
              "layers": cnn.run_torch_comparable_layers}
     out = {"backend": jax.default_backend()}
     for task in spec["tasks"]:

@@ -153,6 +153,21 @@ def settings_table(runs: dict[str, dict]) -> str:
                          "page faults / call", "time / default"], rows)
 
 
+def floor_table(runs: dict[str, dict]) -> str:
+    """Each JAX process's BN forward+backward times against the memory floor
+    it measured itself (the same malloc and cores), one row per config."""
+    measured = {name: run["bn_floor"] for name, run in runs.items() if "bn_floor" in run}
+    first = next(iter(next(iter(measured.values())).values()))
+    names = list(first["times"])
+    rows = []
+    for name, configs in measured.items():
+        for config, m in configs.items():
+            rows.append([(name.split(", ", 1) + ["default"])[1], config, timing.ms(m["floor"])] + [
+                f"{timing.ms(m['times'][n]['seconds'])} ({m['times'][n]['seconds'] / m['floor']:.2f}x, "
+                f"{m['times'][n]['faults_per_call']:.0f} pf)" for n in names])
+    return timing.table(["setting", "config", "memory floor"] + names, rows)
+
+
 def _settings_numbers(run: dict):
     for name, r in run.get("bn", {}).items():
         yield f"BN fwd+bwd {name}", r["seconds"], r.get("faults_per_call")
@@ -246,12 +261,14 @@ def _markdown(meta: dict, sections, plot: str | None) -> str:
         "  median over the rounds of the per-process medians.",
         "- BN forward+backward is `jit(grad)` of `sum(y * g)` with respect to x, scale and",
         "  bias, also returning the new running statistics.",
-        "- Memory floor: the array-sized transfers the fewest passes need (fwd+bwd 5: one",
-        "  pass reading x and g for every per-channel sum, one reading x and g and writing",
-        "  dx; training fwd 3; eval 2) divided by the best bandwidth of a jitted copy, add",
-        "  or donated (in-place) add of the same size. Allocating copies pay for fresh",
-        "  output pages as the BN programs do; the donated add does not, so a BN can sit",
-        "  well above this floor because of page faults alone (see the malloc section).",
+        "- Memory floor: the array-sized transfers the fewest passes need (fwd+bwd 6: one",
+        "  pass reading x for the statistics, which y and so the cotangent g depend on,",
+        "  one reading x and g for the backward's per-channel sums, one reading x and g",
+        "  and writing dx; training fwd 3; eval 2) divided by the best bandwidth of a",
+        "  jitted copy, add or donated (in-place) add of the same size, measured in the",
+        "  same process. Allocating copies pay for fresh output pages as the BN programs",
+        "  do; the donated add does not, so a BN can sit well above this floor because",
+        "  of page faults alone (see the last table, one process per malloc setting).",
         "- Page faults / call (pf in the BN tables): minor faults (`getrusage`) per call.",
         "  XLA:CPU allocates a program's temporaries and outputs afresh on every call;",
         "  4 KiB x faults is the memory malloc got from the kernel anew (e.g. the CNN",
