@@ -2,8 +2,8 @@
 
 ``python -m benchmarks.jax_worker '{"tasks": ["bn", "bn_floor", "cnn", "layers"],
 "quick": false, "repeats": 9}'`` prints one JSON line: per task, median
-seconds (and page faults per call, which show the allocator's share). ``"variants": [...]``
-limits the CNN step to those variants.
+seconds (and page faults per call, which show the allocator's share).
+``"variants": [...]`` limits the CNN step to those variants.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def main(spec: dict) -> dict:
     procs.pin_cores(spec.get("cores"))
     if spec.get("train_malloc"):
         tune_malloc()  # as python -m train does
-    tasks = {"bn": bn_task, "bn_floor": bn_floor_task, "cnn": functools.partial(cnn.run_steps, names=spec.get("variants")),
+    tasks = {"bn": bn_task, "bn_floor": bn_floor_task,
+             "cnn": functools.partial(cnn.run_steps, names=spec.get("variants")),
              "layers": cnn.run_torch_comparable_layers}
     out = {"backend": jax.default_backend()}
     for task in spec["tasks"]:

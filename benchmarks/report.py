@@ -161,10 +161,11 @@ def floor_table(runs: dict[str, dict]) -> str:
     names = list(first["times"])
     rows = []
     for name, configs in measured.items():
+        setting = (name.split(", ", 1) + ["default"])[1]
         for config, m in configs.items():
-            rows.append([(name.split(", ", 1) + ["default"])[1], config, timing.ms(m["floor"])] + [
-                f"{timing.ms(m['times'][n]['seconds'])} ({m['times'][n]['seconds'] / m['floor']:.2f}x, "
-                f"{m['times'][n]['faults_per_call']:.0f} pf)" for n in names])
+            cells = [(m["times"][n]["seconds"], m["times"][n]["faults_per_call"]) for n in names]
+            rows.append([setting, config, timing.ms(m["floor"])] + [
+                f"{timing.ms(t)} ({t / m['floor']:.2f}x, {faults:.0f} pf)" for t, faults in cells])
     return timing.table(["setting", "config", "memory floor"] + names, rows)
 
 
