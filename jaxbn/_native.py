@@ -118,6 +118,16 @@ def _load() -> bool:
   return True
 
 
+_FLAGS = ('-O3', '-std=c++17', '-ffp-contract=off', '-shared', '-fPIC', '-w')
+# Tuned for this CPU where the compiler can; one that rejects -march=native
+# (as some clang releases on arm64 do) gets a portable build instead.
+_TUNINGS = (('-march=native',), ())
+
+
+class _CompileFailed(NativeBuildError):
+  """The compiler ran and failed."""
+
+
 def _build() -> pathlib.Path:
   """The shared library, compiled unless a build for this source, jaxlib and
   CPU is cached. Concurrent builds each write a file of their own and
@@ -127,14 +137,25 @@ def _build() -> pathlib.Path:
   compiler = os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++')
   if not compiler:
     raise NativeBuildError('no C++ compiler found (install g++ or clang, or set CXX)')
-  include = jax.ffi.include_dir()
-  flags = ['-O3', '-march=native', '-std=c++17', '-ffp-contract=off', '-shared', '-fPIC', '-w']
+  builds = [(_FLAGS + tuning, _cached_path(compiler, _FLAGS + tuning)) for tuning in _TUNINGS]
+  for _, target in builds:
+    if target.exists():
+      return target
+  try:
+    return _compile(compiler, *builds[0])
+  except _CompileFailed as error:
+    logger.info('jaxbn: %s\nBuilding without -march=native instead.', error)
+    return _compile(compiler, *builds[1])
+
+
+def _cached_path(compiler: str, flags) -> pathlib.Path:
   key = hashlib.sha256('\0'.join([
       _SOURCE.read_text(), jaxlib.__version__, compiler, *flags, platform.machine(),
       _cpu_signature()]).encode()).hexdigest()[:16]
-  target = cache_dir() / f'jaxbn_native_{key}.so'
-  if target.exists():
-    return target
+  return cache_dir() / f'jaxbn_native_{key}.so'
+
+
+def _compile(compiler: str, flags, target: pathlib.Path) -> pathlib.Path:
   try:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(suffix='.so.part', dir=target.parent)
@@ -142,13 +163,14 @@ def _build() -> pathlib.Path:
   except OSError as error:
     raise NativeBuildError(f'cannot write to {target.parent} ({error}); set '
                            'JAXBN_CACHE_DIR to a writable folder') from error
-  command = [compiler, *flags, f'-I{include}', str(_SOURCE), '-o', partial]
+  command = [compiler, *flags, f'-I{jax.ffi.include_dir()}', str(_SOURCE), '-o', partial]
   logger.info('jaxbn: building the native CPU sums once, into %s', target)
   try:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
-      raise NativeBuildError(f'{" ".join(command)} failed (exit status {result.returncode})'
-                             f'{":" if result.stderr else ""}\n{result.stderr[-2000:]}')
+      output = result.stderr.rstrip()[-2000:]
+      raise _CompileFailed(f'{" ".join(command)} failed (exit status {result.returncode})'
+                           + (f':\n{output}' if output else ''))
     os.replace(partial, target)
   except OSError as error:
     raise NativeBuildError(f'the C++ compiler {compiler!r} could not run ({error}); install '

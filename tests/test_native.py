@@ -281,6 +281,31 @@ def test_a_fresh_cache_builds_once_and_is_reused(tmp_path):
   assert list(tmp_path.iterdir()) == [library] and library.stat().st_mtime_ns == built
 
 
+def test_a_compiler_that_rejects_march_native_gets_a_portable_build(tmp_path):
+  # As some clang releases do on arm64.
+  real = os.environ.get('CXX') or shutil.which('c++') or shutil.which('g++')
+  compiler = tmp_path / 'c++'
+  compiler.write_text(textwrap.dedent(f"""\
+      #!/bin/sh
+      for flag in "$@"; do
+        if [ "$flag" = -march=native ]; then
+          echo tried >> {tmp_path / 'tuned-attempts'}
+          echo "error: unsupported argument 'native' to option '-march='" >&2; exit 1
+        fi
+      done
+      exec {real} "$@"
+      """))
+  compiler.chmod(0o755)
+  cache = tmp_path / 'cache'
+  for _ in range(2):  # built once; then found, -march=native not tried again
+    run = _run(GRADIENT_CHECK + '    print(_native._build().name)\n',
+               JAXBN_NATIVE='1', CXX=str(compiler), JAXBN_CACHE_DIR=str(cache))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[:2] == ['native', 'True']
+    assert [p.name for p in cache.iterdir()] == [run.stdout.split()[2]]
+  assert (tmp_path / 'tuned-attempts').read_text() == 'tried\n'
+
+
 def test_a_bad_jaxbn_native_value_says_what_is_allowed():
   run = _run('import jax, jaxbn; from jaxbn import _native; _native.available()',
              JAXBN_NATIVE='yes')
