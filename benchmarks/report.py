@@ -269,7 +269,7 @@ def _markdown(meta: dict, sections, plot: str | None) -> str:
         "  jitted copy, add or donated (in-place) add of the same size, measured in the",
         "  same process. Allocating copies pay for fresh output pages as the BN programs",
         "  do; the donated add does not, so a BN can sit well above this floor because",
-        "  of page faults alone (see the last table, one process per malloc setting).",
+        "  of page faults alone (see the memory floor table, one process per malloc setting).",
         "- Page faults / call (pf in the BN tables): minor faults (`getrusage`) per call.",
         "  XLA:CPU allocates a program's temporaries and outputs afresh on every call;",
         "  4 KiB x faults is the memory malloc got from the kernel anew (e.g. the CNN",
