@@ -188,7 +188,14 @@ def _cpu_signature() -> str:
     with open('/proc/cpuinfo') as info:
       return ''.join(line for line in info if line.startswith(('model name', 'flags')))[:8192]
   except OSError:
-    return platform.processor()
+    pass
+  if sys.platform == 'darwin':  # no /proc: the chip's name, e.g. "Apple M2"
+    try:
+      return subprocess.run(['sysctl', '-n', 'machdep.cpu.brand_string'], capture_output=True,
+                            text=True, timeout=10).stdout.strip() or platform.processor()
+    except (OSError, subprocess.SubprocessError):
+      pass
+  return platform.processor()
 
 
 # ---------------------------------------------------------------------------

@@ -306,6 +306,27 @@ def test_a_compiler_that_rejects_march_native_gets_a_portable_build(tmp_path):
   assert (tmp_path / 'tuned-attempts').read_text() == 'tried\n'
 
 
+def test_builds_for_different_apple_chips_are_cached_apart(monkeypatch):
+  # macOS has no /proc/cpuinfo: the chip's name from sysctl keys the build,
+  # so a cache shared between machines never loads another chip's build.
+  real_open = open
+
+  def open_without_proc(path, *args, **kwargs):
+    if str(path) == '/proc/cpuinfo':
+      raise FileNotFoundError(path)
+    return real_open(path, *args, **kwargs)
+
+  monkeypatch.setattr('builtins.open', open_without_proc)
+  monkeypatch.setattr(_native.sys, 'platform', 'darwin')
+  paths = {}
+  for chip in ('Apple M1', 'Apple M3'):
+    sysctl = lambda command, **_: subprocess.CompletedProcess(command, 0, chip + '\n', '')
+    monkeypatch.setattr(_native.subprocess, 'run', sysctl)
+    assert _native._cpu_signature() == chip
+    paths[chip] = _native._cached_path('c++', _native._FLAGS + ('-march=native',))
+  assert paths['Apple M1'] != paths['Apple M3']
+
+
 def test_a_bad_jaxbn_native_value_says_what_is_allowed():
   run = _run('import jax, jaxbn; from jaxbn import _native; _native.available()',
              JAXBN_NATIVE='yes')
