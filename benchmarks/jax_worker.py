@@ -22,26 +22,24 @@ BN_NAMES = ("jaxbn", bn.REFERENCE)
 
 
 def bn_task(quick: bool, repeats: int) -> dict:
-    config = bn.configs(quick, jax.default_backend())[0]
-    times, programs = bn.time_mode(config, "train fwd+bwd", repeats, BN_NAMES)
-    return {name: {"seconds": times[name],
-                   "faults_per_call": timing.faults_per_call(bn.blocking(*programs[name]))}
-            for name in BN_NAMES}
+    return _bn_times(bn.configs(quick, jax.default_backend())[0], repeats)
 
 
 def bn_floor_task(quick: bool, repeats: int) -> dict:
     """Per BN config: the forward+backward's memory floor and times, measured
     under this process's malloc and cores (the page faults of fresh outputs
     depend on them; the floor's donated add has none)."""
-    out = {}
-    for config in bn.configs(quick, jax.default_backend()):
-        times, programs = bn.time_mode(config, "train fwd+bwd", repeats, BN_NAMES)
-        out[config.name] = {
-            "floor": bn.measured_floor(config, "train fwd+bwd", repeats),
-            "times": {name: {"seconds": times[name], "faults_per_call":
-                             timing.faults_per_call(bn.blocking(*programs[name]))}
-                      for name in BN_NAMES}}
-    return out
+    return {config.name: {"floor": bn.measured_floor(config, "train fwd+bwd", repeats),
+                          "times": _bn_times(config, repeats)}
+            for config in bn.configs(quick, jax.default_backend())}
+
+
+def _bn_times(config: bn.Config, repeats: int) -> dict:
+    """Median seconds and page faults per call of each of BN_NAMES' forward+backward."""
+    times, programs = bn.time_mode(config, "train fwd+bwd", repeats, BN_NAMES)
+    return {name: {"seconds": times[name],
+                   "faults_per_call": timing.faults_per_call(bn.blocking(*programs[name]))}
+            for name in BN_NAMES}
 
 
 def main(spec: dict) -> dict:
