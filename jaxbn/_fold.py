@@ -19,7 +19,7 @@ from jax import lax
 from flax import nnx
 
 from jaxbn import _checks
-from jaxbn._moments import stats_dtype
+from jaxbn._native import stats_dtype
 
 
 def fold_batch_norm(kernel, bias, state, scale=None, bn_bias=None, *,

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _checks
-from jaxbn._moments import Moments, psum_in_groups, reduce_moments, stats_dtype
-from jaxbn._native import centred_affine, separate_reads
+from jaxbn._moments import Moments, psum_in_groups, reduce_moments
+from jaxbn._native import centred_affine, separate_reads, stats_dtype
 from jaxbn._state import BatchNormState
 
 

@@ -67,13 +67,6 @@ class Moments(NamedTuple):
   count: jax.Array
 
 
-def stats_dtype(dtype) -> jnp.dtype:
-  """Accumulation dtype: at least float32 (complex64 for complex inputs)."""
-  dtype = jnp.dtype(dtype)
-  floor = jnp.complex64 if jnp.issubdtype(dtype, jnp.complexfloating) else jnp.float32
-  return jnp.promote_types(dtype, floor)
-
-
 def reduce_moments(
     x: jax.Array,
     reduction_axes: tuple[int, ...],

@@ -256,9 +256,16 @@ def separate_reads(x, n):
   return lax.optimization_barrier((x,) * n)
 
 
+def stats_dtype(dtype) -> jnp.dtype:
+  """Accumulation dtype: at least float32 (complex64 for complex inputs)."""
+  dtype = jnp.dtype(dtype)
+  floor = jnp.complex64 if jnp.issubdtype(dtype, jnp.complexfloating) else jnp.float32
+  return jnp.promote_types(dtype, floor)
+
+
 def widened(x):
-  """``x`` in at least float32 (complex64 for complex ``x``)."""
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  """``x`` in its accumulation dtype, :func:`stats_dtype`."""
+  return x.astype(stats_dtype(x.dtype))
 
 
 def _shift(shift, x, reduction_axes):

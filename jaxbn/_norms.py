@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from jaxbn import _checks
 from jaxbn._functional import normalize_by_own_moments
-from jaxbn._moments import stats_dtype
+from jaxbn._native import stats_dtype
 
 
 def layer_norm(x, scale=None, bias=None, *, reduction_axes=-1, feature_axes=-1,

@@ -37,7 +37,7 @@ from jaxbn._flax_common import bool_mask, floating_input
 from jaxbn._functional import _running_variance, moments
 from jaxbn._moments import Moments
 from jaxbn._moments import pool_moments
-from jaxbn._moments import stats_dtype
+from jaxbn._native import stats_dtype
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
