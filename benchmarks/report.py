@@ -126,7 +126,7 @@ def best_table(runs: dict[str, dict]) -> str:
     for label, task, key in (("BN fwd+bwd", "bn", "seconds"), ("CNN step", "cnn", "step")):
         best = {}
         for name, run in runs.items():
-            framework, setting = (name.split(", ", 1) + ["default"])[:2]
+            framework, setting = _framework_and_setting(name)
             for variant, r in run.get(task, {}).items():
                 if framework not in best or r[key] < best[framework][0]:
                     best[framework] = (r[key], f"{variant}, {setting}")
@@ -142,7 +142,7 @@ def settings_table(runs: dict[str, dict]) -> str:
     default = {"JAX": runs.get("JAX"), "PyTorch": runs.get("PyTorch")}
     rows = []
     for name, run in runs.items():
-        framework, setting = (name.split(", ", 1) + ["default"])[:2]
+        framework, setting = _framework_and_setting(name)
         base = default[framework]
         for label, value, faults in _settings_numbers(run):
             ref = next((v for l, v, _ in _settings_numbers(base) if l == label), None) if base else None
@@ -153,6 +153,12 @@ def settings_table(runs: dict[str, dict]) -> str:
                          "page faults / call", "time / default"], rows)
 
 
+def _framework_and_setting(job: str) -> tuple[str, str]:
+    """("JAX", "one arena, no mmap") from the job name "JAX, one arena, no mmap"."""
+    framework, setting = (job.split(", ", 1) + ["default"])[:2]
+    return framework, setting
+
+
 def floor_table(runs: dict[str, dict]) -> str:
     """Each JAX process's BN forward+backward times against the memory floor
     it measured itself (the same malloc and cores), one row per config."""
@@ -161,7 +167,7 @@ def floor_table(runs: dict[str, dict]) -> str:
     names = list(first["times"])
     rows = []
     for name, configs in measured.items():
-        setting = (name.split(", ", 1) + ["default"])[1]
+        setting = _framework_and_setting(name)[1]
         for config, m in configs.items():
             cells = [(m["times"][n]["seconds"], m["times"][n]["faults_per_call"]) for n in names]
             rows.append([setting, config, timing.ms(m["floor"])] + [
