@@ -115,24 +115,49 @@ inline Lanes LoadLanes(const uint16_t* p) {  // bfloat16
   return v;
 }
 
-// Rows [begin, end) of a (rows, features) array into float64 sums s1, s2.
+// Rows [begin, end) of a (rows, features) array into float64 sums s1, s2,
+// through one float32 accumulator per feature in memory. Square sums read
+// kGroupRows rows per accumulator load and store (the accumulators of a
+// 16-lane column in registers meanwhile): a row at a time, those loads and
+// stores, not memory, bounded the pass. Product sums read two arrays, and
+// twice the rows at once measured slower for all but the widest rows.
+// Either way each accumulator adds its rows in order.
 template <typename A, typename B, bool kSquare>
 void SumRowBlock(const A* a, const B* b, const float* shift_a, const float* shift_b,
                  int64_t begin, int64_t end, int64_t features, double* s1, double* s2) {
+  constexpr int64_t kGroupRows = kSquare ? 8 : 1;
   std::vector<float> acc(2 * features);
   float* acc1 = acc.data();
   float* acc2 = acc1 + features;
+  auto add_rows = [&](int64_t first, int64_t last, int64_t j) {  // rows [first, last), feature j
+    for (int64_t r = first; r < last; ++r) {
+      float u = Load(a, r * features + j) - shift_a[j];
+      float v = kSquare ? u : Load(b, r * features + j) - shift_b[j];
+      acc1[j] += u;
+      acc2[j] += u * v;
+    }
+  };
   for (int64_t chunk = begin; chunk < end; chunk += kChunk) {
+    int64_t chunk_end = std::min(end, chunk + kChunk);
     std::fill(acc.begin(), acc.end(), 0.f);
-    for (int64_t r = chunk; r < std::min(end, chunk + kChunk); ++r) {
-      const A* ar = a + r * features;
-      const B* br = b + r * features;
-      for (int64_t j = 0; j < features; ++j) {
-        float u = Load(ar, j) - shift_a[j];
-        float v = kSquare ? u : Load(br, j) - shift_b[j];
-        acc1[j] += u;
-        acc2[j] += u * v;
+    int64_t r = chunk;
+    for (; kGroupRows > 1 && r + kGroupRows <= chunk_end; r += kGroupRows) {
+      int64_t j = 0;
+      for (; j + kLanes <= features; j += kLanes) {
+        Lanes shift = LoadLanes(shift_a + j), sum1 = LoadLanes(acc1 + j),
+              sum2 = LoadLanes(acc2 + j);
+        for (int64_t q = r; q < r + kGroupRows; ++q) {
+          Lanes u = LoadLanes(a + q * features + j) - shift;
+          sum1 += u;
+          sum2 += u * u;
+        }
+        std::memcpy(acc1 + j, &sum1, sizeof sum1);
+        std::memcpy(acc2 + j, &sum2, sizeof sum2);
       }
+      for (; j < features; ++j) add_rows(r, r + kGroupRows, j);
+    }
+    for (; r < chunk_end; ++r) {
+      for (int64_t j = 0; j < features; ++j) add_rows(r, r + 1, j);
     }
     for (int64_t j = 0; j < features; ++j) {
       s1[j] += acc1[j];

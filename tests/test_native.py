@@ -48,7 +48,9 @@ def test_the_kernels_build_and_load():
 # Features last: rows not a multiple of the 64-row chunk; one feature;
 # features that are not a multiple of a SIMD width; short rows (at most 64
 # features, summed in registers) of exactly 64 and of 3 x 16 + 5; several
-# blocks of rows (2^17 entries a block). Features in the middle (NCHW):
+# blocks of rows (2^17 entries a block); wide rows (700 x 300: square sums
+# read 8 rows at a time, and a block's last chunk leaves 4 rows and each row
+# 12 features over). Features in the middle (NCHW):
 # runs shorter than the 16 lanes and not a multiple of them; runs longer
 # than a flush (1024); few outer indices (the features split among tasks);
 # many (blocks of them).
