@@ -336,7 +336,8 @@ def worker_tables(only, runs: dict) -> list[tuple[str, str]]:
                     report.best_table(runs)))
     if any("bn_floor" in run for run in runs.values()):
         out.append(("BN fwd+bwd against the memory floor each JAX process measured under its "
-                    "settings (ratio to the floor, page faults per call)",
+                    "settings (ratio to the floor, page faults per call; x donated: dx may take x's "
+                    "buffer, as inside a train step)",
                     report.floor_table(runs)))
     return out
 

@@ -208,6 +208,27 @@ class _InPlaceAdd:
         self.x = jax.block_until_ready(self.add(self.x, self.g))
 
 
+def donated(name: str) -> str:
+    return f"{name}, x donated"
+
+
+class DonatedStep:
+    """Implementation ``name``'s forward+backward with x donated, so that dx
+    may take x's buffer, as it does inside a train step, where x is an
+    intermediate that dies in the backward. Each call's dx is the next x."""
+
+    def __init__(self, name: str, config: Config):
+        apply, params, stats = IMPLEMENTATIONS[name](config.shape[-1], jnp.dtype(config.dtype),
+                                                     True)
+        x, g = inputs(config)
+        self.step = jax.jit(_driver(apply, "train fwd+bwd"), donate_argnums=2)
+        self.params, self.stats, self.x, self.g = params, stats, jnp.array(x, copy=True), g
+
+    def __call__(self):
+        (_, dx), _ = self.step(self.params, self.stats, self.x, self.g)
+        self.x = jax.block_until_ready(dx)
+
+
 def bandwidths(config: Config, repeats: int) -> dict[str, float]:
     """Bytes/s of jitted copies and adds of this size (reads + writes over time).
 

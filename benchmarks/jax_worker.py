@@ -28,18 +28,22 @@ def bn_task(quick: bool, repeats: int) -> dict:
 def bn_floor_task(quick: bool, repeats: int) -> dict:
     """Per BN config: the forward+backward's memory floor and times, measured
     under this process's malloc and cores (the page faults of fresh outputs
-    depend on them; the floor's donated add has none)."""
+    depend on them; the floor's donated add has none), with x kept and with
+    x donated."""
     return {config.name: {"floor": bn.measured_floor(config, "train fwd+bwd", repeats),
-                          "times": _bn_times(config, repeats)}
+                          "times": _bn_times(config, repeats, with_donated=True)}
             for config in bn.configs(quick, jax.default_backend())}
 
 
-def _bn_times(config: bn.Config, repeats: int) -> dict:
-    """Median seconds and page faults per call of each of BN_NAMES' forward+backward."""
-    times, programs = bn.time_mode(config, "train fwd+bwd", repeats, BN_NAMES)
-    return {name: {"seconds": times[name],
-                   "faults_per_call": timing.faults_per_call(bn.blocking(*programs[name]))}
-            for name in BN_NAMES}
+def _bn_times(config: bn.Config, repeats: int, with_donated: bool = False) -> dict:
+    """Median seconds and page faults per call of each of BN_NAMES' forward+backward
+    (interleaved), and of the same with x donated if ``with_donated``."""
+    fns = {name: bn.blocking(*bn.compiled(name, config, "train fwd+bwd")) for name in BN_NAMES}
+    if with_donated:
+        fns.update({bn.donated(name): bn.DonatedStep(name, config) for name in BN_NAMES})
+    times = timing.medians(timing.interleave(fns, bn.ROUNDS_PER_REPEAT * repeats))
+    return {name: {"seconds": times[name], "faults_per_call": timing.faults_per_call(fn)}
+            for name, fn in fns.items()}
 
 
 def main(spec: dict) -> dict:

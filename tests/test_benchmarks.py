@@ -545,3 +545,19 @@ def test_floor_table_divides_each_process_time_by_its_own_floor():
     assert "(3.00x, 0 pf)" in rows["default", "dense f32"]
     assert "(1.25x, 0 pf)" in rows["one arena, no mmap", "NHWC f32"]
     assert not any("PyTorch" in row or "BatchNorm2d" in row for row in rows.values())
+
+
+@pytest.mark.parametrize("name", ["jaxbn", "flax.linen"])
+def test_donated_step_gives_up_x_and_computes_the_same_dx(name):
+    import numpy as np
+    from benchmarks import bn
+
+    config = bn.configs(quick=True)[0]
+    kept, args = bn.compiled(name, config, "train fwd+bwd")
+    (_, dx), _ = kept(*args)
+    step = bn.DonatedStep(name, config)
+    x = step.x
+    step()
+    assert x.is_deleted()
+    # The same program but for buffer aliasing: the same bits.
+    np.testing.assert_array_equal(np.asarray(step.x), np.asarray(dx))
