@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -122,6 +123,12 @@ _FLAGS = ('-O3', '-std=c++17', '-ffp-contract=off', '-shared', '-fPIC', '-w')
 # Tuned for this CPU where the compiler can; one that rejects -march=native
 # (as some clang releases on arm64 do) gets a portable build instead.
 _TUNINGS = (('-march=native',), ())
+_PREFIX = 'jaxbn_native_'
+# A build no process has loaded for this long is removed when another is
+# built (an upgrade of jaxbn or jaxlib leaves its predecessor behind), and
+# so is a partial file a killed build left, after a day.
+_UNUSED_DAYS = 30
+_DAY = 86400.0
 
 
 class _CompileFailed(NativeBuildError):
@@ -140,25 +147,50 @@ def _build() -> pathlib.Path:
   builds = [(_FLAGS + tuning, _cached_path(compiler, _FLAGS + tuning)) for tuning in _TUNINGS]
   for _, target in builds:
     if target.exists():
+      _mark_used(target)
       return target
   try:
-    return _compile(compiler, *builds[0])
+    target = _compile(compiler, *builds[0])
   except _CompileFailed as error:
     logger.info('jaxbn: %s\nBuilding without -march=native instead.', error)
-    return _compile(compiler, *builds[1])
+    target = _compile(compiler, *builds[1])
+  _prune(target)
+  return target
+
+
+def _mark_used(library: pathlib.Path) -> None:
+  """Dates a loaded build's file to today (at most once a day), which keeps it from _prune."""
+  try:
+    if time.time() - library.stat().st_mtime > _DAY:
+      os.utime(library)
+  except OSError:  # a read-only cache: nothing is pruned from it either
+    pass
+
+
+def _prune(built: pathlib.Path) -> None:
+  """Removes the builds beside ``built`` unused for _UNUSED_DAYS and partial
+  files older than a day. Best effort: the cache may be shared and read-only."""
+  now = time.time()
+  for path, days in ([(p, _UNUSED_DAYS) for p in built.parent.glob(f'{_PREFIX}*.so')]
+                     + [(p, 1) for p in built.parent.glob(f'{_PREFIX}*.so.part')]):
+    try:
+      if path != built and now - path.stat().st_mtime > days * _DAY:
+        path.unlink()
+    except OSError:
+      pass
 
 
 def _cached_path(compiler: str, flags) -> pathlib.Path:
   key = hashlib.sha256('\0'.join([
       _SOURCE.read_text(), jaxlib.__version__, compiler, *flags, platform.machine(),
       _cpu_signature()]).encode()).hexdigest()[:16]
-  return cache_dir() / f'jaxbn_native_{key}.so'
+  return cache_dir() / f'{_PREFIX}{key}.so'
 
 
 def _compile(compiler: str, flags, target: pathlib.Path) -> pathlib.Path:
   try:
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(suffix='.so.part', dir=target.parent)
+    fd, partial = tempfile.mkstemp(prefix=_PREFIX, suffix='.so.part', dir=target.parent)
     os.close(fd)
   except OSError as error:
     raise NativeBuildError(f'cannot write to {target.parent} ({error}); set '

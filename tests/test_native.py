@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -360,3 +361,33 @@ def test_shard_map_bodies_use_the_kernels():
   assert 'jaxbn_square_sums' in text and 'jaxbn_product_sums' in text
   whole = jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, state, training=True)[0] ** 3))
   np.testing.assert_allclose(jax.jit(grad)(x), jax.jit(whole)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_new_build_removes_long_unused_builds_and_old_partial_files(tmp_path):
+  # What upgrades of jaxbn or jaxlib and killed builds leave in the cache.
+  days = lambda n: time.time() - n * 86400
+  files = {'jaxbn_native_0000000000000001.so': days(40),   # unused for 40 days: removed
+           'jaxbn_native_0000000000000002.so': days(10),   # kept
+           'jaxbn_native_abc.so.part': days(2),            # a killed build's: removed
+           'jaxbn_native_def.so.part': days(0),            # perhaps being built: kept
+           'notes.txt': days(400)}                          # not jaxbn's: kept
+  for name, mtime in files.items():
+    (tmp_path / name).write_text('')
+    os.utime(tmp_path / name, (mtime, mtime))
+  run = _run(GRADIENT_CHECK + '    print(_native._build().name)\n', JAXBN_NATIVE='1',
+             JAXBN_CACHE_DIR=str(tmp_path))
+  assert run.returncode == 0, run.stderr
+  built = run.stdout.split()[2]
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+      [built, 'jaxbn_native_0000000000000002.so', 'jaxbn_native_def.so.part', 'notes.txt'])
+
+
+def test_loading_a_cached_build_dates_it_to_today(tmp_path):
+  first = _run(GRADIENT_CHECK, JAXBN_NATIVE='1', JAXBN_CACHE_DIR=str(tmp_path))
+  assert first.returncode == 0, first.stderr
+  (library,) = tmp_path.glob('jaxbn_native_*.so')
+  old = time.time() - 20 * 86400
+  os.utime(library, (old, old))
+  second = _run(GRADIENT_CHECK, JAXBN_NATIVE='1', JAXBN_CACHE_DIR=str(tmp_path))
+  assert second.stdout.split() == ['native', 'True'], second.stderr
+  assert time.time() - library.stat().st_mtime < 3600
