@@ -183,7 +183,13 @@ def time_mode(config: Config, mode: str, repeats: int, names=tuple(IMPLEMENTATIO
     """
     programs = {name: compiled(name, config, mode) for name in names}
     fns = {name: blocking(*program) for name, program in programs.items()}
-    return timing.medians(timing.interleave(fns, ROUNDS_PER_REPEAT * repeats)), programs
+    return medians(fns, repeats), programs
+
+
+def medians(fns: dict[str, Callable], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each BN call in ``fns``, interleaved, each
+    timed ``ROUNDS_PER_REPEAT * repeats`` times."""
+    return timing.medians(timing.interleave(fns, ROUNDS_PER_REPEAT * repeats))
 
 
 def memory_stats(programs) -> dict[str, dict[str, int]]:

@@ -41,7 +41,7 @@ def _bn_times(config: bn.Config, repeats: int, with_donated: bool = False) -> di
     fns = {name: bn.blocking(*bn.compiled(name, config, "train fwd+bwd")) for name in BN_NAMES}
     if with_donated:
         fns.update({bn.donated(name): bn.DonatedStep(name, config) for name in BN_NAMES})
-    times = timing.medians(timing.interleave(fns, bn.ROUNDS_PER_REPEAT * repeats))
+    times = bn.medians(fns, repeats)
     return {name: {"seconds": times[name], "faults_per_call": timing.faults_per_call(fn)}
             for name, fn in fns.items()}
 
